@@ -1,0 +1,260 @@
+"""Checks of data.py: CIFAR-10 reading, verifying, safe extraction and download (on tiny tarballs written here
+in the official format, never from the network), the shapes set, random batches, image folders, grids, CLI."""
+
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
+
+BATCH_SIZES = (3, 2, 4, 1, 2)  # images per data_batch_i; the real files hold 10,000 each
+
+
+def write_batches(folder: Path, width: int = 3072) -> list:
+    """Write data_batch_1..5 as the official pickles (protocol 2, bytes keys); return the data arrays."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    arrays = []
+    for i, n in enumerate(BATCH_SIZES, start=1):
+        array = rng.integers(0, 256, (n, width), dtype=np.uint8)
+        batch = {b"batch_label": f"training batch {i} of 5".encode(), b"data": array,
+                 b"labels": [int(x) for x in rng.integers(0, 10, n)], b"filenames": [b"x.png"] * n}
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+        arrays.append(array)
+    return arrays
+
+
+def expected_hwc(arrays: list) -> np.ndarray:
+    return np.concatenate(arrays).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def tarball(tmp_path):
+    """A tiny cifar-10-python.tar.gz outside any data dir, and the arrays it holds."""
+    arrays = write_batches(tmp_path / "src" / "cifar-10-batches-py")
+    path = tmp_path / "src" / "cifar-10-python.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    return path, arrays
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("data.py tried to download")
+    monkeypatch.setattr(data.urllib.request, "urlopen", fail)
+
+
+def test_cifar_tarball_is_read_back_exactly(tarball, tmp_path, monkeypatch, no_network):
+    """A verified official-format tarball is extracted and gives every pixel back, CHW rows -> HWC images."""
+    path, arrays = tarball
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5(path))
+    images = data.load_cifar10(str(data_dir))
+    assert images.dtype == np.uint8 and images.shape == (sum(BATCH_SIZES), 32, 32, 3)
+    np.testing.assert_array_equal(images, expected_hwc(arrays))
+    # Row layout by hand: channel c, row y, column x sits at c * 1024 + y * 32 + x
+    assert images[3, 5, 7, 2] == arrays[1][0, 2 * 1024 + 5 * 32 + 7]
+    assert sorted(os.listdir(data_dir)) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_cifar_tarball_with_wrong_md5_is_refused_and_kept(tarball, tmp_path, no_network):
+    """A tarball whose MD5 is not the official one is refused with both hashes named, and not deleted."""
+    path, _ = tarball
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(data.DatasetError) as info:
+        data.load_cifar10(str(data_dir))
+    message = str(info.value)
+    assert "corrupt" in message and data.CIFAR10_MD5 in message and md5(path) in message
+    assert "delete" in message and "\n" not in message
+    assert os.listdir(data_dir) == ["cifar-10-python.tar.gz"]
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_unsafe_tarball_is_refused(tmp_path, monkeypatch, kind, no_network):
+    """A tarball with a ../ member, an absolute path or a link is refused and nothing is written outside data_dir."""
+    data_dir = tmp_path / "deep" / "data"
+    data_dir.mkdir(parents=True)
+    path = data_dir / "cifar-10-python.tar.gz"
+    name = {"dotdot": "../evil", "absolute": str(tmp_path / "abs_evil"), "symlink": "cifar-10-batches-py/x"}[kind]
+    with tarfile.open(path, "w:gz") as tar:
+        member = tarfile.TarInfo(name)
+        if kind == "symlink":
+            member.type, member.linkname = tarfile.SYMTYPE, str(tmp_path / "target")
+            tar.addfile(member)
+        else:
+            member.size = 4
+            tar.addfile(member, io.BytesIO(b"evil"))
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5(path))
+    with pytest.raises(data.DatasetError, match="refusing"):
+        data.load_cifar10(str(data_dir))
+    assert not (data_dir.parent / "evil").exists() and not (tmp_path / "abs_evil").exists()
+    assert os.listdir(data_dir) == ["cifar-10-python.tar.gz"]  # no temp folder left behind
+
+
+def test_extracted_folder_is_used_without_download(tmp_path, no_network):
+    """An extracted cifar-10-batches-py/ folder is read directly, with no download attempted."""
+    arrays = write_batches(tmp_path / "data" / "cifar-10-batches-py")
+    np.testing.assert_array_equal(data.load_cifar10(str(tmp_path / "data")), expected_hwc(arrays))
+
+
+def test_batch_with_wrong_shape_is_refused(tmp_path, no_network):
+    """A batch whose rows are not 3 x 32 x 32 = 3072 bytes is refused with a clear message."""
+    write_batches(tmp_path / "data" / "cifar-10-batches-py", width=3000)
+    with pytest.raises(data.DatasetError, match="3072"):
+        data.load_cifar10(str(tmp_path / "data"))
+
+
+def test_download_from_file_url_is_verified(tarball, tmp_path, monkeypatch):
+    """Downloading (here from a file:// URL) lands the tarball after an MD5 check; a wrong MD5 leaves nothing."""
+    path, arrays = tarball
+    monkeypatch.setattr(data, "CIFAR10_URL", path.as_uri())
+    monkeypatch.setattr(data, "CIFAR10_MD5", "0" * 32)
+    data_dir = tmp_path / "fresh"
+    with pytest.raises(data.DatasetError, match="0" * 32):
+        data.load_cifar10(str(data_dir))
+    assert os.listdir(data_dir) == []  # the temp file was deleted
+    monkeypatch.setattr(data, "CIFAR10_MD5", md5(path))
+    np.testing.assert_array_equal(data.load_cifar10(str(data_dir)), expected_hwc(arrays))
+    assert md5(data_dir / "cifar-10-python.tar.gz") == md5(path)
+    assert sorted(os.listdir(data_dir)) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+
+
+def test_unreachable_url_says_where_to_put_the_tarball(tmp_path, monkeypatch):
+    """A failed download names the full path for a hand-placed tarball and the offline shapes dataset."""
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(data, "CIFAR10_URL", "http://127.0.0.1:9/none.tar.gz")
+    with pytest.raises(data.DatasetError) as info:
+        data.load_cifar10(str(tmp_path / "data"))
+    message = str(info.value)
+    assert os.path.abspath(tmp_path / "data" / "cifar-10-python.tar.gz") in message
+    assert "--dataset shapes" in message and "\n" not in message
+    assert os.listdir(tmp_path / "data") == []
+
+
+def test_make_shapes_is_deterministic_and_varied():
+    """make_shapes is a function of the seed, differs across seeds, spans the pixel range and has a stable prefix."""
+    a, b, c = data.make_shapes(200, seed=1), data.make_shapes(200, seed=1), data.make_shapes(200, seed=2)
+    assert a.shape == (200, 32, 32, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).mean() > 0.5
+    assert a.min() < 10 and a.max() > 245 and a.std() > 40
+    assert all(len(np.unique(image.reshape(-1, 3), axis=0)) > 2 for image in a)  # a shape on every background
+    np.testing.assert_array_equal(data.make_shapes(20, seed=1), a[:20])
+    assert data.make_shapes(4, image_size=16).shape == (4, 16, 16, 3)
+
+
+def test_random_batch_range_shape_and_determinism():
+    """random_batch gives float32 (B, 3, S, S) x0 in [-1, 1], the same for the same generator seed."""
+    images = torch.from_numpy(data.make_shapes(50)).permute(0, 3, 1, 2)
+    first = data.random_batch(images, 16, torch.Generator().manual_seed(0))
+    again = data.random_batch(images, 16, torch.Generator().manual_seed(0))
+    other = data.random_batch(images, 16, torch.Generator().manual_seed(1))
+    assert first.shape == (16, 3, 32, 32) and first.dtype == torch.float32
+    assert first.min() >= -1 and first.max() <= 1 and first.min() == -1 and first.max() == 1
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_random_batch_flips_half_the_samples():
+    """With flip=True each sample is the image or its mirror, each about half the time; flip=False never mirrors."""
+    image = torch.zeros(1, 3, 4, 4, dtype=torch.uint8)
+    image[..., 2:] = 255  # left half black, right half white
+    x0 = data.random_batch(image, 400, torch.Generator().manual_seed(0))
+    flipped = x0[:, 0, 0, 0] == 1
+    assert torch.equal(x0[flipped], image.flip(3).float().div(127.5).sub(1).expand(int(flipped.sum()), -1, -1, -1))
+    assert torch.equal(x0[~flipped], image.float().div(127.5).sub(1).expand(int((~flipped).sum()), -1, -1, -1))
+    assert 150 < int(flipped.sum()) < 250
+    assert (data.random_batch(image, 100, torch.Generator().manual_seed(0), flip=False)[:, 0, 0, 0] == -1).all()
+
+
+def test_load_folder_crops_and_resizes(tmp_path):
+    """load_folder walks subfolders, takes png/jpg/bmp of any size and gives sorted uint8 (N, S, S, 3)."""
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 50), (255, 0, 0)).save(tmp_path / "imgs" / "a.png")
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(tmp_path / "imgs" / "sub" / "b.JPG")
+    Image.new("L", (20, 30), 200).save(tmp_path / "imgs" / "c.bmp")
+    (tmp_path / "imgs" / "notes.txt").write_text("not an image")
+    images = data.load_folder(str(tmp_path / "imgs"), image_size=16)
+    assert images.shape == (3, 16, 16, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[0], np.full((16, 16, 3), (255, 0, 0)))  # a.png < c.bmp < sub/b.JPG
+    np.testing.assert_array_equal(images[1], np.full((16, 16, 3), 200))
+    assert np.abs(images[2].astype(int) - (0, 0, 255)).max() < 8  # JPEG is lossy
+    tensor = data.load_dataset(f"folder:{tmp_path / 'imgs'}", image_size=16)
+    assert tensor.shape == (3, 3, 16, 16) and torch.equal(tensor, torch.from_numpy(images).permute(0, 3, 1, 2))
+
+
+def test_load_folder_refuses_empty_missing_and_broken(tmp_path):
+    """An empty or missing folder, or an unreadable image, raises DatasetError naming the problem."""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(data.DatasetError, match="no images"):
+        data.load_folder(str(tmp_path / "empty"))
+    with pytest.raises(data.DatasetError, match="does not exist"):
+        data.load_folder(str(tmp_path / "missing"))
+    (tmp_path / "empty" / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(data.DatasetError, match="broken.png"):
+        data.load_folder(str(tmp_path / "empty"))
+
+
+def test_load_dataset_dispatch():
+    """load_dataset returns uint8 (N, 3, S, S) for shapes and lists the choices for an unknown name."""
+    images = data.load_dataset("shapes", num_shapes=8, seed=3)
+    assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8
+    assert torch.equal(images, torch.from_numpy(data.make_shapes(8, seed=3)).permute(0, 3, 1, 2))
+    with pytest.raises(data.DatasetError, match="cifar10, shapes or folder:PATH"):
+        data.load_dataset("nosuch")
+
+
+def test_save_image_grid(tmp_path):
+    """save_image_grid writes a PNG with 2 px padding, mapping -1 -> 0, 0 -> 128 and 1 -> 255."""
+    x0 = torch.tensor([-1.0, 0.0, 1.0, 5.0]).repeat_interleave(3)[:10].view(10, 1, 1, 1).expand(10, 3, 8, 8)
+    data.save_image_grid(x0, str(tmp_path / "grid.png"))
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (3 * 10 + 2, 4 * 10 + 2, 3)  # ceil(sqrt(10)) = 4 columns, 3 rows
+    assert grid[2, 2, 0] == 0 and grid[2, 12 + 2 * 10, 0] == 128 and grid[12, 12 + 10, 0] == 255
+    assert grid[12 + 10, 12, 0] == 255  # 5.0 is clamped to 1
+    data.save_image_grid(torch.zeros(5, 3, 8, 8, dtype=torch.uint8), str(tmp_path / "u8.png"), nrow=5)
+    assert Image.open(tmp_path / "u8.png").size == (5 * 10 + 2, 12)
+    assert sorted(os.listdir(tmp_path)) == ["grid.png", "u8.png"]  # no temp files left
+    with pytest.raises(data.DatasetError, match="does not exist"):
+        data.save_image_grid(x0, str(tmp_path / "missing" / "grid.png"))
+
+
+def test_cli_writes_a_grid(tmp_path):
+    """`python data.py --dataset shapes --out X.png` exits 0 and writes a grid of the requested images."""
+    out = tmp_path / "shapes.png"
+    run = subprocess.run([sys.executable, "data.py", "--dataset", "shapes", "--out", str(out), "--num", "16"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert Image.open(out).size == (4 * 34 + 2, 4 * 34 + 2)
+
+
+def test_cli_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
+    """An unknown --dataset exits 1 with one `error:` line on stderr and no traceback (in-process, to save time)."""
+    monkeypatch.setattr(sys, "argv", ["data.py", "--dataset", "nosuch", "--out", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit) as info:
+        data.main(data.parse_args())
+    stderr = capsys.readouterr().err
+    assert info.value.code == 1 and stderr.startswith("error: ") and stderr.count("\n") == 1
+    assert "Traceback" not in stderr and not (tmp_path / "x.png").exists()

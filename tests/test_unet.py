@@ -1,0 +1,193 @@
+"""Checks of unet.py: the ADM UNet (Dhariwal & Nichol 2021) used as eps_theta / F_theta by the paper (SPEC §1.7)."""
+import math
+
+import pytest
+import torch
+
+from unet import PRESETS, build_unet, count_parameters, timestep_embedding
+
+
+def perturbed(net: torch.nn.Module, scale: float = 0.05, seed: int = 0) -> torch.nn.Module:
+    """Add fixed Gaussian noise to every weight, so the zero-initialised layers stop hiding the rest of the network."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen))
+    return net
+
+
+@pytest.fixture(scope="module")
+def tiny_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return perturbed(build_unet("tiny", learn_sigma=True)).eval()
+
+
+def inputs(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, 32, 32, generator=gen)  # (B, C, H, W)
+    t = torch.randint(0, 1000, (batch,), generator=gen).float()  # (B,) VP timestep indices
+    return x, t
+
+
+def conv_params(c_in: int, c_out: int, k: int) -> int:
+    return c_in * c_out * k * k + c_out
+
+
+def resblock_params(c_in: int, c_out: int, emb: int) -> int:
+    """Two GroupNorms (2 affine vectors each), two 3x3 convs, the scale-shift Linear, a 1x1 skip if widths differ."""
+    first = 2 * c_in + conv_params(c_in, c_out, 3)
+    second = 2 * c_out + conv_params(c_out, c_out, 3)
+    skip = conv_params(c_in, c_out, 1) if c_in != c_out else 0
+    return first + (emb + 1) * 2 * c_out + second + skip
+
+
+def attention_params(c: int) -> int:
+    return 2 * c + conv_params(c, 3 * c, 1) + conv_params(c, c, 1)
+
+
+def closed_form_count(model_channels, channel_mult, num_res_blocks, attention_levels, in_ch, out_ch, resample):
+    """Parameter count of an ADM UNet from its layout (ADM Sec. 3), with `resample` in {"resblock", "conv"}."""
+    emb = 4 * model_channels
+
+    def block(c_in: int, level: int) -> int:
+        c_out = channel_mult[level] * model_channels
+        return resblock_params(c_in, c_out, emb) + (attention_params(c_out) if level in attention_levels else 0)
+
+    def updown(c: int) -> int:
+        # guided-diffusion's resblock_updown=True vs improved-diffusion's strided / upsampling 3x3 conv
+        return resblock_params(c, c, emb) if resample == "resblock" else conv_params(c, c, 3)
+
+    n = (model_channels + 1) * emb + (emb + 1) * emb + conv_params(in_ch, model_channels, 3)
+    ch, skips = model_channels, [model_channels]
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            n += block(ch, level)
+            ch = mult * model_channels
+            skips.append(ch)
+        if level < len(channel_mult) - 1:
+            n += updown(ch)
+            skips.append(ch)
+    n += 2 * resblock_params(ch, ch, emb) + attention_params(ch)
+    for level, mult in reversed(list(enumerate(channel_mult))):
+        for _ in range(num_res_blocks + 1):
+            n += block(ch + skips.pop(), level)
+            ch = mult * model_channels
+        if level > 0:
+            n += updown(ch)
+    return n + 2 * ch + conv_params(ch, out_ch, 3)
+
+
+def test_output_shape():
+    """The network maps (B, 3, H, W) to (B, 3, H, W), or (B, 6, H, W) with ADM's learned-variance [eps, v] output."""
+    x, t = inputs(3)
+    assert build_unet("tiny")(x, t).shape == (3, 3, 32, 32)
+    assert build_unet("tiny", learn_sigma=True)(x, t).shape == (3, 6, 32, 32)
+
+
+def test_noise_label_shapes_broadcast(tiny_net):
+    """A float, 0-dim or (B, 1, 1, 1) noise_label (e.g. EDM's c_noise) acts as the same label given as (B,)."""
+    x, _ = inputs(2)
+    with torch.no_grad():
+        expected = tiny_net(x, torch.full((2,), 0.3))
+        assert torch.equal(tiny_net(x, 0.3), expected)
+        assert torch.equal(tiny_net(x, torch.tensor(0.3)), expected)
+        assert torch.equal(tiny_net(x, torch.full((2, 1, 1, 1), 0.3)), expected)
+
+
+def test_fresh_network_outputs_zero():
+    """ADM's zero_module on the output conv makes a freshly built network output exactly zero."""
+    x, t = inputs(2)
+    out = build_unet("tiny", learn_sigma=True)(x, t)
+    assert torch.count_nonzero(out) == 0
+
+
+def test_output_depends_on_noise_label_and_x(tiny_net):
+    """With non-zero weights the output changes with the timestep embedding and with the noisy input x_t."""
+    x, t = inputs(2)
+    with torch.no_grad():
+        out = tiny_net(x, t)
+        assert (tiny_net(x, t + 100) - out).abs().max() > 1e-3
+        assert (tiny_net(x + 0.1 * torch.randn_like(x), t) - out).abs().max() > 1e-3
+
+
+def test_timestep_embedding_is_adm_sinusoid():
+    """The embedding is [cos(t f), sin(t f)] with f_i = 10000^(-i/half) (ADM / DDPM positional encoding)."""
+    t = torch.tensor([0.0, 7.0])
+    emb = timestep_embedding(t, 8)
+    assert torch.equal(emb[0], torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0]))
+    freqs = torch.tensor([10000 ** (-i / 4) for i in range(4)])
+    assert torch.allclose(emb[1], torch.cat([torch.cos(7 * freqs), torch.sin(7 * freqs)]), atol=1e-6)
+
+
+def test_small_presets_match_closed_form_count():
+    """The tiny and small presets have exactly the parameter count derived from the ADM layout."""
+    for preset in ("tiny", "small"):
+        cfg = PRESETS[preset]
+        levels = {level for level in range(len(cfg["channel_mult"])) if 32 // 2**level in cfg["attention_resolutions"]}
+        expected = closed_form_count(cfg["model_channels"], cfg["channel_mult"], cfg["num_res_blocks"], levels,
+                                     3, 6, "resblock")
+        assert count_parameters(build_unet(preset, learn_sigma=True)) == expected
+
+
+def test_cifar10_parameter_count():
+    """The cifar10 preset is ADM's CIFAR-10 net: 52.5M with conv resampling (iDDPM), ~57.1M with resblock_updown."""
+    # improved-diffusion's CIFAR-10 model (learn_sigma, conv up/down) is the commonly cited 52.5M parameters.
+    conv_resample = closed_form_count(128, (1, 2, 2, 2), 3, {1, 2}, 3, 6, "conv")
+    assert 52.0e6 < conv_resample < 53.0e6
+    # The authors' recipe (SPEC §1.7) swaps those convs for BigGAN ResBlocks (resblock_updown), about +4.5M.
+    expected = closed_form_count(128, (1, 2, 2, 2), 3, {1, 2}, 3, 6, "resblock")
+    assert 56.5e6 < expected < 57.5e6
+    net = build_unet("cifar10", learn_sigma=True)
+    assert count_parameters(net) == expected
+    assert net.enc_blocks[0].dropout.p == 0.3
+
+
+def test_dropout_override():
+    """An explicit dropout replaces the preset's value (EDM uses 0.13 on CIFAR-10, ADM 0.3)."""
+    net = build_unet("tiny", dropout=0.13)
+    assert all(m.p == 0.13 for m in net.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_batch_consistency(tiny_net):
+    """In eval mode each sample's output is independent of the rest of the batch (GroupNorm is per sample)."""
+    x, t = inputs(3)
+    with torch.no_grad():
+        batched = tiny_net(x, t)
+        single = torch.cat([tiny_net(x[i:i + 1], t[i:i + 1]) for i in range(3)])
+    assert torch.allclose(batched, single, atol=1e-5)
+
+
+def test_bf16_autocast_close_to_fp32(tiny_net):
+    """Under CPU bf16 autocast the output is finite and within 5% relative L2 of fp32 (norms run in fp32)."""
+    x, t = inputs(2)
+    with torch.no_grad():
+        ref = tiny_net(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = tiny_net(x, t)
+    assert torch.isfinite(out).all()
+    assert ((out.float() - ref).norm() / ref.norm()) < 0.05
+
+
+def test_channels_last_matches_contiguous(tiny_net):
+    """A channels_last input gives the same output as the contiguous one (up to float rounding)."""
+    x, t = inputs(2)
+    with torch.no_grad():
+        out = tiny_net(x.to(memory_format=torch.channels_last), t)
+        assert torch.allclose(out, tiny_net(x, t), atol=1e-5)
+
+
+def test_unknown_preset_raises():
+    """An unknown preset name is a ValueError that lists the valid choices."""
+    with pytest.raises(ValueError, match="tiny"):
+        build_unet("imagenet1024")
+
+
+def test_gradients_reach_all_parameters():
+    """After un-zeroing, one backward pass gives every parameter a non-zero gradient (no dead branch)."""
+    torch.manual_seed(0)
+    net = perturbed(build_unet("tiny", learn_sigma=True))
+    x, t = inputs(2)
+    net(x, t).square().mean().backward()
+    dead = [name for name, p in net.named_parameters() if p.grad is None or not math.isfinite(p.grad.norm())
+            or p.grad.abs().max() == 0]
+    assert not dead, dead

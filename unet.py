@@ -1,0 +1,233 @@
+"""The ADM UNet: the noise-prediction network eps_theta(x_t, t) (or EDM's F_theta(c_in x; c_noise)).
+
+Paper: Wang et al. 2025, arXiv:2502.17099v1; the backbone is ADM (reviews and the authors' code); SPEC §1.7.
+Borrowed: ADM (Dhariwal & Nichol 2021, Sec. 3 / improved-diffusion and guided-diffusion `unet.py`): BigGAN-style
+          up/down ResBlocks, scale-shift norm ("adaptive group norm"), multi-head attention at 16x16 and 8x8 with the
+          "new attention order", zero-initialised output layers; sinusoidal embedding from the Transformer / DDPM.
+Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, sampler.py.
+Run: python unet.py               (parameter counts and one forward per preset; full checks in tests/test_unet.py)
+
+Symbols: noisy input x_t -> x, timestep t (VP index 0..999) or c_noise = ln(sigma)/4 (EDM Table 1) -> noise_label,
+         embedding of noise_label -> emb, base width -> model_channels, per-level width factor -> channel_mult
+"""
+import argparse
+import math
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# Sizes of the network. Each entry is a dict of UNet kwargs.
+PRESETS: dict[str, dict] = {
+    # SPEC §1.7, the authors' cifar_adv_train.sh (= improved-diffusion's CIFAR-10 flags with guided-diffusion's
+    # resblock_updown, num_head_channels 32, new attention order): ADM's CIFAR-10 model.
+    "cifar10": dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=3, attention_resolutions=(16, 8),
+                    num_head_channels=32, dropout=0.3),
+    # [PROJECT] a few-minute CPU demo at 32x32: half width, three levels (32, 16, 8), attention only at 8x8.
+    "small": dict(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(8,),
+                  num_head_channels=32, dropout=0.1),
+    # [PROJECT] for unit tests: levels 32 and 16, one block each, attention at 16; fwd+bwd at batch 8 ~0.2 s on 2 cores.
+    "tiny": dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
+                 num_head_channels=32, dropout=0.0),
+}
+
+
+class GroupNorm32(nn.GroupNorm):
+    """GroupNorm computed in float32 and cast back, so bf16/fp16 autocast cannot lose the statistics (as ADM)."""
+
+    def __init__(self, channels: int):
+        # ADM uses 32 groups; narrower layers (tiny preset) get the largest group count that divides the channels.
+        super().__init__(math.gcd(32, channels), channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def timestep_embedding(noise_label: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim): [cos(t f_i), sin(t f_i)] with f_i = max_period^(-i/half), as ADM."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=noise_label.device) / half)
+    args = noise_label.float()[:, None] * freqs[None]  # (B, half)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    """ADM residual block with scale-shift norm; up=True / down=True makes it a BigGAN-style resampling block."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_ch: int, dropout: float, up: bool = False, down: bool = False):
+        super().__init__()
+        self.up, self.down = up, down
+        self.norm1 = GroupNorm32(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        # One linear gives both the scale and the shift of the second norm (ADM's use_scale_shift_norm).
+        self.emb_proj = nn.Linear(emb_ch, 2 * out_ch)
+        self.norm2 = GroupNorm32(out_ch)
+        self.dropout = nn.Dropout(dropout)
+        # ADM zero_module: every residual branch starts as the identity map.
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def resample(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up:
+            return F.interpolate(x, scale_factor=2, mode="nearest")
+        if self.down:
+            return F.avg_pool2d(x, kernel_size=2, stride=2)
+        return x
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # The h path resamples after the first norm+act and before the first conv; the skip path resamples x itself.
+        h = self.conv1(self.resample(F.silu(self.norm1(x))))
+        scale, shift = self.emb_proj(F.silu(emb)).to(h.dtype)[:, :, None, None].chunk(2, dim=1)  # (B, out_ch, 1, 1)
+        # ADM scale-shift norm: h = norm(h) * (1 + scale) + shift
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(self.resample(x)) + h
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention over the H*W positions, residual, zero-initialised projection (as ADM)."""
+
+    def __init__(self, channels: int, num_head_channels: int):
+        super().__init__()
+        assert channels % num_head_channels == 0, f"{channels} channels not divisible into heads of {num_head_channels}"
+        self.heads = channels // num_head_channels
+        self.norm = GroupNorm32(channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        qkv = self.qkv(self.norm(x))  # (B, 3C, H, W)
+        # ADM's "new attention order": split q, k, v first, then each into heads. Each is (B, heads, H*W, C/heads).
+        q, k, v = qkv.reshape(B, 3, self.heads, C // self.heads, H * W).transpose(-1, -2).unbind(dim=1)
+        # softmax(q k^T / sqrt(C/heads)) v; ADM scales q and k by (C/heads)^(-1/4) each, which is the same.
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj(h)
+
+
+class UNet(nn.Module):
+    """ADM UNet: (x (B, C, H, W), noise_label (B,)) -> (B, out_channels, H, W)."""
+
+    def __init__(self, in_channels=3, out_channels=3, model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=3,
+                 attention_resolutions=(16, 8), num_head_channels=32, dropout=0.0, image_size=32):
+        super().__init__()
+        self.model_channels = model_channels
+        emb_ch = 4 * model_channels
+        self.emb_mlp = nn.Sequential(nn.Linear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+
+        def attention(ch: int, res: int) -> nn.Module:
+            return AttentionBlock(ch, num_head_channels) if res in attention_resolutions else nn.Identity()
+
+        # Encoder. Every block output is kept as a skip for the decoder, including the input conv and down blocks.
+        self.input_conv = nn.Conv2d(in_channels, model_channels, 3, padding=1)
+        self.enc_blocks, self.enc_attn = nn.ModuleList(), nn.ModuleList()
+        ch, res, skip_chs = model_channels, image_size, [model_channels]
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                self.enc_blocks.append(ResBlock(ch, mult * model_channels, emb_ch, dropout))
+                ch = mult * model_channels
+                self.enc_attn.append(attention(ch, res))
+                skip_chs.append(ch)
+            if level != len(channel_mult) - 1:
+                self.enc_blocks.append(ResBlock(ch, ch, emb_ch, dropout, down=True))
+                self.enc_attn.append(nn.Identity())
+                res //= 2
+                skip_chs.append(ch)
+
+        # Middle, at the lowest resolution: attention here always, as ADM.
+        self.mid_block1 = ResBlock(ch, ch, emb_ch, dropout)
+        self.mid_attn = AttentionBlock(ch, num_head_channels)
+        self.mid_block2 = ResBlock(ch, ch, emb_ch, dropout)
+
+        # Decoder: num_res_blocks + 1 blocks per level, each concatenating one skip; an up block ends each level
+        # except the last and takes no skip.
+        self.dec_blocks, self.dec_attn = nn.ModuleList(), nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(num_res_blocks + 1):
+                self.dec_blocks.append(ResBlock(ch + skip_chs.pop(), mult * model_channels, emb_ch, dropout))
+                ch = mult * model_channels
+                self.dec_attn.append(attention(ch, res))
+            if level != 0:
+                self.dec_blocks.append(ResBlock(ch, ch, emb_ch, dropout, up=True))
+                self.dec_attn.append(nn.Identity())
+                res *= 2
+
+        self.out_norm = GroupNorm32(ch)
+        self.out_conv = nn.Conv2d(ch, out_channels, 3, padding=1)
+        nn.init.zeros_(self.out_conv.weight)
+        nn.init.zeros_(self.out_conv.bias)
+
+    def forward(self, x: torch.Tensor, noise_label) -> torch.Tensor:
+        # A python float or 0-dim label is shared by the batch; a per-sample (B, 1, 1, 1) c_noise is flattened (as EDM).
+        noise_label = torch.as_tensor(noise_label, dtype=torch.float32, device=x.device)
+        noise_label = noise_label.reshape(-1).expand(x.shape[0])  # (B,)
+        emb = self.emb_mlp(timestep_embedding(noise_label, self.model_channels))  # (B, 4 * model_channels)
+
+        h = self.input_conv(x)
+        skips = [h]
+        for block, attn in zip(self.enc_blocks, self.enc_attn):
+            h = attn(block(h, emb))
+            skips.append(h)
+
+        h = self.mid_block2(self.mid_attn(self.mid_block1(h, emb)), emb)
+
+        for block, attn in zip(self.dec_blocks, self.dec_attn):
+            if not block.up:
+                h = torch.cat([h, skips.pop()], dim=1)
+            h = attn(block(h, emb))
+
+        return self.out_conv(F.silu(self.out_norm(h)))  # (B, out_channels, H, W)
+
+
+def build_unet(preset: str, learn_sigma: bool = False, dropout: float | None = None, in_channels: int = 3,
+               image_size: int = 32) -> UNet:
+    """UNet from a PRESETS entry; learn_sigma doubles the output to ADM's [eps, v] (IDDPM learned variance)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown UNet preset {preset!r}; choose one of {sorted(PRESETS)}")
+    kwargs = dict(PRESETS[preset])
+    if dropout is not None:
+        kwargs["dropout"] = dropout
+    out_channels = 2 * in_channels if learn_sigma else in_channels
+    return UNet(in_channels=in_channels, out_channels=out_channels, image_size=image_size, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def main(args: argparse.Namespace) -> None:
+    torch.manual_seed(0)
+    for preset in [args.preset] if args.preset else list(PRESETS):
+        n_eps = count_parameters(build_unet(preset))
+        net = build_unet(preset, learn_sigma=True).to(args.device).eval()
+        x = torch.randn(2, 3, 32, 32, device=args.device)
+        t = torch.tensor([0.0, 999.0], device=args.device)
+        with torch.no_grad():
+            net(x, t)  # warm-up
+            start = time.perf_counter()
+            out = net(x, t)
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        print(f"{preset:8s} params {n_eps:,} (eps only), {count_parameters(net):,} (learn_sigma); "
+              f"forward (2, 3, 32, 32) -> {tuple(out.shape)} in {seconds * 1000:.1f} ms on {args.device}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None, help="one UNet size; default: all presets")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main(parse_args())
