@@ -7,8 +7,8 @@ Borrowed: normalised-gradient l2 ascent + projection = PGD (Madry et al. 2018, E
 Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, and the robustness evaluation.
 Run: python attacks.py            (prints a tiny demo; full checks in tests/test_attacks.py)
 
-This file knows nothing about diffusion. The training loop hands it delta and the gradient of the loss w.r.t. delta
-(which the "free" AT loop gets from the same backward pass that updates the weights); `pgd` takes a loss closure.
+This file knows nothing about diffusion: `free_at` and `pgd` take a loss closure loss_of_delta(delta) -> (B,) that
+hides what the model is (a DDPM, an EDM denoiser, a consistency student).
 
 Symbols: perturbation -> delta, budget eta (RMS per coordinate) -> adv_budget, l2 radius -> radius,
          step size alpha -> step_size, number of ascent steps K -> n_steps, d = elements per sample.
@@ -67,6 +67,35 @@ def linf_step(delta: torch.Tensor, grad: torch.Tensor, step_size, radius) -> tor
 
 
 STEPS = {"l2": l2_step, "linf": linf_step}
+
+
+def free_at(loss_of_delta, like: torch.Tensor, opt: torch.optim.Optimizer, n_steps: int, norm: str, step_size,
+            radius, after_update=None):
+    """Efficient ("free") AT on one batch (SPEC §3.4 step 2; Shafahi et al. 2019 minibatch replay, delta reset to 0).
+
+    n_steps = K passes. Each pass: one forward/backward of loss_of_delta(delta).mean(), whose single backward gives
+    the weight gradient (applied by opt.step(), then after_update(), e.g. the EMA) AND the gradient w.r.t. delta
+    (used for the ascent step), both at the current weights. Pass 0 sees the clean input; the last delta is used once.
+    n_steps = 0 is standard training: one pass with delta = 0 and no input gradient.
+    Returns (loss of pass 0, loss of the last pass, last delta), detached, without a host sync.
+    """
+    n_pass = max(n_steps, 1)
+    delta = torch.zeros_like(like)
+    for k in range(n_pass):
+        ascend = k < n_pass - 1
+        delta.requires_grad_(ascend)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_of_delta(delta).mean()
+        # The "free" reuse: this one backward fills p.grad for the weight update AND delta.grad for the ascent.
+        loss.backward()
+        if k == 0:
+            clean_loss = loss.detach()
+        if ascend:
+            delta = STEPS[norm](delta.detach(), delta.grad, step_size, radius)
+        opt.step()
+        if after_update is not None:
+            after_update()
+    return clean_loss, loss.detach(), delta.detach()
 
 
 def pgd(loss_fn, x: torch.Tensor, radius, n_steps: int = 5, step_size=None, norm: str = "l2",

@@ -37,10 +37,10 @@ import unet
 # AdamW lr 1e-4, EMA 0.9999, 200K AT steps after 250K clean ones. shapes / tiny are ours [PROJECT]: small enough for
 # a CPU, with a short EMA so that grids show progress within minutes.
 DATASET_DEFAULTS = {
-    "cifar10": dict(preset="cifar10", steps=200_000, batch_size=128, lr=1e-4, ema_decay=0.9999,
-                    log_every=100, grid_every=5000, save_every=5000, num_grid=64),
-    "shapes": dict(preset="small", steps=3000, batch_size=32, lr=2e-4, ema_decay=0.995,
-                   log_every=50, grid_every=500, save_every=500, num_grid=64),
+    "cifar10": dict(preset="cifar10", steps=200_000, batch_size=128, lr=1e-4, ema_decay=0.9999, learn_sigma=True,
+                    t_sampler="loss-second-moment", log_every=100, grid_every=5000, save_every=5000, num_grid=64),
+    "shapes": dict(preset="small", steps=3000, batch_size=32, lr=2e-4, ema_decay=0.995, learn_sigma=False,
+                   t_sampler="uniform", log_every=50, grid_every=500, save_every=500, num_grid=64),
 }
 TINY = dict(preset="tiny", steps=20, batch_size=8, ema_decay=0.9, log_every=5, grid_every=10, save_every=10,
             num_grid=16, num_shapes=512)
@@ -62,7 +62,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--ema-decay", type=float, default=None, help="EMA decay per optimizer step; cifar10: 0.9999 (SPEC §1.7)")
     a("--preset", default=None, help="UNet size: cifar10 | small | tiny (unet.PRESETS)")
     a("--dropout", type=float, default=None, help="dropout; default the preset's (cifar10: 0.3, SPEC §1.7)")
+    a("--loss", default="ddpm", choices=list(BATCHES), help="ddpm: eps-prediction on VP x_t (SPEC §1.2, the paper's "
+      "CIFAR-10 run); edm: EDM's preconditioned denoiser (SPEC §2.1); default ddpm")
     a("--schedule", default="cosine", help="VP beta schedule: cosine | linear (SPEC §1.1); default cosine")
+    a("--learn-sigma", default=None, action=argparse.BooleanOptionalAction,
+      help="ddpm: learned variance + hybrid loss (SPEC §1.2); default on for cifar10 (SPEC §1.7), else off")
+    a("--t-sampler", default=None, choices=["uniform", "loss-second-moment"],
+      help="ddpm timestep sampling (SPEC §1.2); cifar10: loss-second-moment (SPEC §1.7), else uniform")
     a("--adv-steps", type=int, default=3, help="K inner passes per batch, each an optimizer step (SPEC §3.4); "
                                                 "0 = standard training; default 3")
     a("--adv-step-size", type=float, default=0.1, help="ascent step alpha (SPEC §3.3 adv_lr); default 0.1")
@@ -71,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--adv-norm", default="l2", choices=["l2", "linf"], help="perturbation ball; default l2 (the released code)")
     a("--adv-step-scale", default="abs", choices=["abs", "sqrt_d"],
       help="l2 step length alpha (abs, released code) or alpha*sqrt(d); default abs")
+    a("--adv-space", default="vp", choices=["vp", "raw"], help="edm: budget mapped from VP space, "
+      "r = eta sqrt(d) sqrt(1 + sigma^2) (vp), or taken as is in EDM space (raw) (SPEC §3.6); default vp")
     a("--adv-target", default="delta_detach", choices=list(TARGETS),
       help="regression target under perturbation (SPEC §3.2); default delta_detach (authors' CIFAR-10 script)")
     a("--init-from", default=None, help="start from this checkpoint's weights (+EMA), fresh optimizer, step 0")
@@ -105,6 +113,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.adv_steps < 0:
         raise UserError(f"--adv-steps must be >= 0, got {args.adv_steps}")
+    if args.loss == "edm" and (args.learn_sigma or args.t_sampler != "uniform"):
+        args.learn_sigma, args.t_sampler = False, "uniform"  # both belong to the VP/DDPM loss only
     return args
 
 
@@ -121,15 +131,126 @@ TARGETS = {
 }
 
 
-def ddpm_loss(net, x_t, t, eps, delta, alpha_bar, target: str = "delta_detach") -> torch.Tensor:
+def ddpm_loss(net, x_t, t, eps, delta, alpha_bar, target: str = "delta_detach", x0=None) -> torch.Tensor:
     """Per-sample AT loss (B,) at x_t + delta. SPEC §3.1 (the paper's Eq. (14) as we read it):
 
         l = mean || eps + delta / sqrt(1 - alpha_bar_t) - eps_theta(x_t + delta, t) ||^2
-    With delta = 0 this is DDPM's L_simple (Ho et al. 2020, Eq. 14).
+    With delta = 0 this is DDPM's L_simple (Ho et al. 2020, Eq. 14). A learned-variance network ([eps, v] output)
+    adds IDDPM's L_vb (the "hybrid" loss, SPEC §1.2), which needs x0.
     """
     s = sampler.expand((1 - alpha_bar.to(x_t.device)[t]).sqrt(), x_t)  # (B, 1, 1, 1)
-    eps_hat = net(x_t + delta, t.to(x_t.dtype))
-    return (TARGETS[target](eps, delta, s) - eps_hat).pow(2).flatten(1).mean(1)
+    out = net(x_t + delta, t.to(x_t.dtype))
+    eps_hat, v = out[:, : x_t.shape[1]], out[:, x_t.shape[1]:]
+    loss = (TARGETS[target](eps, delta, s) - eps_hat).pow(2).flatten(1).mean(1)
+    if v.shape[1] == 0:
+        return loss
+    # SPEC §3.2: the posterior is conditioned on x_t + delta (delta), sg(x_t + delta) (delta_detach) or x_t (original)
+    x_cond = {"delta": x_t + delta, "delta_detach": (x_t + delta).detach(), "original": x_t}[target]
+    # IDDPM Sec. 3.1: L_vb sees the mean through a frozen eps (it trains only the variance); weight T/1000 = 1
+    return loss + vb_term(x0, x_cond, t, eps_hat.detach(), v, alpha_bar)
+
+
+def vb_term(x0, x_t, t, eps_hat, v, alpha_bar) -> torch.Tensor:
+    """IDDPM L_vb per sample in bits/dim: KL(q(x_{t-1}|x_t,x0) || p(x_{t-1}|x_t)) for t > 0, decoder NLL at t = 0."""
+    alpha_bar = alpha_bar.to(x_t.device)
+    beta = 1 - alpha_bar / torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])  # DDPM: alpha_bar_t = prod (1 - beta)
+    c1, c2, beta_tilde = sampler.posterior(beta)
+    log_beta_tilde = torch.cat([beta_tilde[1:2], beta_tilde[1:]]).log()  # IDDPM: clipped at t = 0
+    c1, c2, lbt, lb, ab = (sampler.expand(a[t], x_t) for a in (c1, c2, log_beta_tilde, beta.log(), alpha_bar))
+    x0_hat = (x_t - (1 - ab).sqrt() * eps_hat) / ab.sqrt()  # DDPM Eq. 15 inverted (no clipping in training)
+    # IDDPM Eq. 15: log Sigma_theta = frac log beta_t + (1 - frac) log beta~_t, frac = (v + 1)/2
+    frac = (v + 1) / 2
+    model_log_var = frac * lb + (1 - frac) * lbt
+    true_mean, model_mean = c1 * x0 + c2 * x_t, c1 * x0_hat + c2 * x_t  # DDPM Eq. 7
+    # KL of two Gaussians, per coordinate
+    kl = 0.5 * (-1 + model_log_var - lbt + (lbt - model_log_var).exp()
+                + (true_mean - model_mean) ** 2 * (-model_log_var).exp())
+    nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)  # DDPM Sec. 3.3 decoder
+    per_dim = torch.where((t == 0).view(-1, *([1] * (x_t.dim() - 1))), nll, kl) / math.log(2.0)
+    return per_dim.flatten(1).mean(1)
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale) -> torch.Tensor:
+    """log P(x) of 8-bit data x in [-1, 1] under N(mean, exp(log_scale)^2) integrated over its bin (DDPM Sec. 3.3)."""
+
+    def cdf(u):  # the tanh approximation of the standard normal CDF that IDDPM uses
+        return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u**3)))
+
+    inv_std = (-log_scale).exp()
+    cdf_plus, cdf_min = cdf(inv_std * (x - mean + 1 / 255)), cdf(inv_std * (x - mean - 1 / 255))
+    # the outermost bins extend to -inf / +inf
+    log_probs = torch.where(x < -0.999, cdf_plus.clamp(min=1e-12).log(),
+                            torch.where(x > 0.999, (1 - cdf_min).clamp(min=1e-12).log(),
+                                        (cdf_plus - cdf_min).clamp(min=1e-12).log()))
+    return log_probs
+
+
+# SPEC §3.1-3.2 in EDM form: the target of D is y for every type; `delta_detach` adds (delta - sg delta) so that its
+# delta-gradient matches the eps-form's, and `original` asks D to return the perturbed point's own x_0 = y + delta.
+EDM_TARGETS = {
+    "delta": lambda y, delta: y,
+    "delta_detach": lambda y, delta: y + delta - delta.detach(),
+    "original": lambda y, delta: y + delta,
+}
+
+
+def edm_loss(net, x, sigma, y, delta, target: str = "delta_detach", sigma_data: float = 0.5) -> torch.Tensor:
+    """Per-sample EDM loss (B,) at x + delta, x = y + n, n ~ N(0, sigma^2 I) (EDM Eq. 2 and Table 1, SPEC §2.1):
+
+        l = lambda(sigma) * mean || D_theta(x + delta; sigma) - y ||^2,  lambda = (sigma^2 + sd^2) / (sigma sd)^2
+    """
+    weight = sampler.expand((sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2, x)  # EDM Table 1: lambda(sigma)
+    D_x = sampler.edm_denoiser(net, sigma_data)(x + delta, sigma)
+    return (weight * (D_x - EDM_TARGETS[target](y, delta)) ** 2).flatten(1).mean(1)
+
+
+def ddpm_batch(net, x0, alpha_bar, args, generator, t_state):
+    """Draw t and eps once for the batch (SPEC §3.4 step 1); return (loss closure over delta, x_t, scale 1)."""
+    t, weight = sample_t(t_state, x0.shape[0], alpha_bar.shape[0], generator, x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+    x_t = sampler.q_sample(x0, t, eps, alpha_bar)
+    first = []
+
+    def loss_of_delta(delta):
+        loss = ddpm_loss(net, x_t, t, eps, delta, alpha_bar, args.adv_target, x0)
+        if t_state is not None and not first:  # IDDPM: the t-sampler learns from the clean pass's losses
+            first.append(update_t_history(t_state, t, loss.detach()))
+        return weight * loss
+
+    return loss_of_delta, x_t, 1.0
+
+
+def edm_batch(net, x0, alpha_bar, args, generator, t_state):
+    """Draw sigma and n once (SPEC §3.4 step 1 in EDM form); scale = sqrt(1 + sigma^2) maps the VP budget (§3.6)."""
+    # EDM Table 1 (training): ln sigma ~ N(P_mean, P_std^2), P_mean = -1.2, P_std = 1.2
+    sigma = (torch.randn(x0.shape[0], generator=generator, device=x0.device) * 1.2 - 1.2).exp()
+    x = x0 + sampler.expand(sigma, x0) * torch.randn(x0.shape, generator=generator, device=x0.device)
+    # SPEC §2.2 / §3.6: a VP perturbation delta_vp is delta_e = sqrt(1 + sigma^2) delta_vp in EDM space
+    scale = sampler.expand((1 + sigma**2).sqrt(), x0) if args.adv_space == "vp" else 1.0
+    return (lambda delta: edm_loss(net, x, sigma, x0, delta, args.adv_target)), x, scale
+
+
+BATCHES = {"ddpm": ddpm_batch, "edm": edm_batch}
+
+
+def sample_t(t_state, batch_size: int, T: int, generator, device):
+    """t ~ uniform, or IDDPM's loss-second-moment importance sampling with weights 1/(T p_t) (SPEC §1.2)."""
+    if t_state is None:
+        return torch.randint(0, T, (batch_size,), generator=generator, device=device), 1.0
+    # IDDPM Sec. 3.3: p_t ~ sqrt(E[L_t^2]) over the last 10 losses, mixed with 0.1% uniform; uniform until warm
+    p = (t_state["history"] ** 2).mean(1).sqrt()
+    p = 0.999 * p / p.sum().clamp_min(1e-30) + 0.001 / T
+    p = torch.where((t_state["count"] >= 10).all(), p, torch.full_like(p, 1 / T))
+    t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+    return t, 1 / (T * p[t])
+
+
+def update_t_history(t_state, t, losses) -> None:
+    """Ring buffer of the last 10 losses per t, on the device (no sync). Deviation: when one t appears twice in a
+    batch only one of its losses is kept (IDDPM loops over samples in Python and keeps both)."""
+    slot = t_state["count"][t] % 10
+    t_state["history"][t, slot] = losses.to(t_state["history"].dtype)
+    t_state["count"].index_add_(0, t, torch.ones_like(t))
 
 
 @torch.no_grad()
@@ -138,46 +259,27 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
     torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
 
 
-def free_at_step(net, ema, opt, loss_of_delta, x_noisy, args, d: int):
-    """SPEC §3.4 step 2: K passes on one batch; each pass = one backward giving BOTH gradients.
+def free_at_step(net, ema, opt, loss_of_delta, x_noisy, args, d: int, scale=1.0):
+    """SPEC §3.4 step 2 with this run's budget: K passes of attacks.free_at, each followed by an EMA update.
 
-    loss_of_delta(delta) -> per-sample loss (B,) with everything else (x_0, t, eps) fixed for all K passes.
-    Returns (clean loss of pass 0, loss of the last pass, mean ||delta|| of the last pass), as tensors (no sync).
+    scale multiplies the radius and the step (EDM space, SPEC §3.6). Returns (clean loss, last-pass loss, mean
+    ||delta||) as tensors, without a host sync.
     """
     if args.adv_norm == "l2":
-        radius = attacks.l2_radius(args.adv_budget, d)
-        step_size = attacks.step_length(args.adv_step_size, d, args.adv_step_scale)
+        # SPEC §3.3: radius eta*sqrt(d); step alpha (abs) or alpha*sqrt(d)
+        radius = attacks.l2_radius(args.adv_budget, d) * scale
+        step_size = attacks.step_length(args.adv_step_size, d, args.adv_step_scale) * scale
     else:
-        radius, step_size = args.adv_budget, args.adv_step_size
-    n_pass = max(args.adv_steps, 1)  # K = 0 is standard training: one pass with delta = 0
-    delta = torch.zeros_like(x_noisy)  # SPEC §3.4: delta starts at 0 on every batch
-    for k in range(n_pass):
-        ascend = k < n_pass - 1  # the last delta is used once and never updated
-        delta.requires_grad_(ascend)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_of_delta(delta).mean()
-        # The "free" reuse: this one backward fills p.grad for the weight update AND delta.grad for the ascent;
-        # both are gradients at the current theta, as in the released code.
-        loss.backward()
-        if k == 0:
-            clean_loss = loss.detach()
-        if ascend:
-            delta = attacks.STEPS[args.adv_norm](delta.detach(), delta.grad, step_size, radius)
-        opt.step()
-        update_ema(ema, net, args.ema_decay)
-    return clean_loss, loss.detach(), attacks.per_sample_norm(delta.detach()).mean()
+        radius, step_size = args.adv_budget * scale, args.adv_step_size * scale
+    clean, last, delta = attacks.free_at(loss_of_delta, x_noisy, opt, args.adv_steps, args.adv_norm, step_size,
+                                         radius, after_update=lambda: update_ema(ema, net, args.ema_decay))
+    return clean, last, attacks.per_sample_norm(delta).mean()
 
 
-def train_step(net, ema, opt, x0, alpha_bar, args, generator):
-    """One data batch of DDPM + free AT, in the paper's order: sample t, build x_t, inner max, outer steps."""
-    T = alpha_bar.shape[0]
-    # SPEC §3.4 step 1: t, eps (and x_0) are drawn once and stay fixed for all K inner passes
-    t = torch.randint(0, T, (x0.shape[0],), generator=generator, device=x0.device)
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
-    x_t = sampler.q_sample(x0, t, eps, alpha_bar)
-    d = x0[0].numel()
-    return free_at_step(net, ema, opt, lambda delta: ddpm_loss(net, x_t, t, eps, delta, alpha_bar, args.adv_target),
-                        x_t, args, d)
+def train_step(net, ema, opt, x0, alpha_bar, args, generator, t_state=None):
+    """One data batch in the paper's order: sample t (or sigma) and the noise, build x_t, then K free-AT passes."""
+    loss_of_delta, x_noisy, scale = BATCHES[args.loss](net, x0, alpha_bar, args, generator, t_state)
+    return free_at_step(net, ema, opt, loss_of_delta, x_noisy, args, x0[0].numel(), scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,10 +307,14 @@ def load_checkpoint(path: str) -> dict:
 
 @torch.no_grad()
 def save_grid(ema, alpha_bar, args, path: str, shape) -> None:
-    """EMA samples from a fixed seed (so grids of one run are comparable), DDIM on respaced steps (sampler.py)."""
+    """EMA samples from a fixed seed (so grids of one run are comparable): DDIM (ddpm) or Euler (edm), sampler.py."""
     g = torch.Generator(device=args.device).manual_seed(args.seed + 1)
-    x_T = torch.randn((args.num_grid, *shape), generator=g, device=args.device)
-    x = sampler.ddim_sample(sampler.vp_denoiser(ema, alpha_bar), x_T, alpha_bar, sampler.respace(str(args.grid_steps)))
+    z = torch.randn((args.num_grid, *shape), generator=g, device=args.device)
+    if args.loss == "edm":  # EDM's own deterministic sampler (SPEC §2.4), Euler to keep grids cheap
+        sigmas = sampler.karras_sigmas(args.grid_steps).to(args.device)
+        x = sampler.edm_sample(sampler.edm_denoiser(ema), sigmas[0] * z, sigmas, heun=False).clamp(-1, 1)
+    else:
+        x = sampler.ddim_sample(sampler.vp_denoiser(ema, alpha_bar), z, alpha_bar, sampler.respace(str(args.grid_steps)))
     data.save_image_grid(x.cpu(), path)
 
 
@@ -235,8 +341,10 @@ def main(args: argparse.Namespace) -> None:
     images = images.to(args.device)  # uint8; CIFAR-10 is 150 MB, so it can sit on the GPU
 
     source = resumed or init
-    net_config = source["net"] if source else dict(unet.PRESETS[args.preset], in_channels=3, out_channels=3,
-                                                   image_size=images.shape[-1])
+    if source:  # the network, loss and schedule of a resumed / initialising run come from its checkpoint
+        args.loss = source["loss"]
+    net_config = source["net"] if source else dict(unet.PRESETS[args.preset], in_channels=3, image_size=images.shape[-1],
+                                                   out_channels=6 if args.learn_sigma else 3)
     if args.dropout is not None:
         net_config["dropout"] = args.dropout
     schedule = source["schedule"] if source else args.schedule
@@ -245,6 +353,10 @@ def main(args: argparse.Namespace) -> None:
     # SPEC §1.7: AdamW, weight decay 0, constant lr
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
     alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta(schedule)).to(args.device)
+    # IDDPM's loss-second-moment history: the last 10 losses per t, and how many were seen
+    t_state = dict(history=torch.zeros(alpha_bar.shape[0], 10, device=args.device),
+                   count=torch.zeros(alpha_bar.shape[0], dtype=torch.long, device=args.device)) \
+        if args.loss == "ddpm" and args.t_sampler == "loss-second-moment" else None
     step = 0
     if source:
         net.load_state_dict(source["model"])
@@ -254,14 +366,17 @@ def main(args: argparse.Namespace) -> None:
         for group in opt.param_groups:
             group["lr"] = args.lr
         step = resumed["step"]
+        if t_state is not None and resumed.get("t_state"):
+            t_state = {k: v.to(args.device) for k, v in resumed["t_state"].items()}
         torch.set_rng_state(resumed["rng_cpu"])
         generator.set_state(resumed["rng_gen"])
     print(f"UNet {unet.count_parameters(net) / 1e6:.2f}M parameters; data {tuple(images.shape)}; "
           f"{'AT K=' + str(args.adv_steps) if args.adv_steps else 'standard training'}; from step {step}")
 
     def checkpoint(path=ckpt_path):
-        save_checkpoint(path, dict(format="adv-diffusion/1", kind="dpm", loss="ddpm", net=net_config,
-                                   schedule=schedule, model=net.state_dict(), ema=ema.state_dict(),
+        save_checkpoint(path, dict(format="adv-diffusion/1", kind="dpm", loss=args.loss, net=net_config,
+                                   schedule=schedule, sigma_data=0.5, t_state=t_state, model=net.state_dict(),
+                                   ema=ema.state_dict(),
                                    opt=opt.state_dict(), step=step, args=vars(args), rng_cpu=torch.get_rng_state(),
                                    rng_gen=generator.get_state()))
 
@@ -275,7 +390,7 @@ def main(args: argparse.Namespace) -> None:
         for step in bar:
             x0 = data.random_batch(images, args.batch_size, generator)
             net.train()
-            sums += torch.stack(train_step(net, ema, opt, x0, alpha_bar, args, generator))
+            sums += torch.stack(train_step(net, ema, opt, x0, alpha_bar, args, generator, t_state))
             step += 1  # counts finished batches (SPEC §3.4: K optimizer steps per batch, one step count)
             log, save, grid = (step % n == 0 or step == args.steps
                                for n in (args.log_every, args.save_every, args.grid_every))

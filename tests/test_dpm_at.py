@@ -1,6 +1,7 @@
 """The DDPM AT loss, the free-AT loop (SPEC §3.4, T9), training steps, checkpoints and the dpm_at.py CLI."""
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,7 +34,7 @@ class ScalarModel(torch.nn.Module):
 
 def at_args(**kw):
     base = dict(adv_steps=3, adv_step_size=0.1, adv_budget=0.1, adv_norm="l2", adv_step_scale="abs",
-                adv_target="delta_detach", ema_decay=0.9999)
+                adv_target="delta_detach", ema_decay=0.9999, loss="ddpm", adv_space="vp")
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -269,3 +270,106 @@ def test_checkpoint_atomic_and_safe_load(tmp_path):
     assert os.listdir(tmp_path) == ["c.pt"]
     with pytest.raises(dpm_at.UserError, match="not a dpm_at.py checkpoint"):
         dpm_at.load_checkpoint(path)
+
+
+def test_edm_form_identity_T10():
+    """EDM-form loss lambda(sigma)||D - y||^2 equals the eps-form loss times sigma^2 lambda(sigma) (SPEC §2.2, T10)."""
+    x0 = torch.tensor(X0, dtype=torch.float64)
+    eps = torch.tensor(EPS, dtype=torch.float64)
+    delta = torch.tensor([[0.05, -0.02, 0.01, 0.03], [0, 0.04, -0.03, 0.02]], dtype=torch.float64)
+    eps_hat = torch.tensor([[0.9, -0.4, 0.35, 0.1], [0.1, 0.6, -1.0, 0.5]], dtype=torch.float64)
+    sqrt_ab, sqrt_1m = 0.70274005894, 0.71144670184
+    sigma = torch.tensor([1.01238956395] * 2, dtype=torch.float64)
+    assert sqrt_1m / sqrt_ab == pytest.approx(sigma[0].item(), rel=1e-10)
+    # the same point in EDM space: x_e + delta_e = (x_t + delta)/sqrt(ab), and D = x0_hat of that point
+    x_e = x0 + sigma[:, None] * eps
+    delta_e = delta / sqrt_ab
+    x0_hat = (sqrt_ab * x0 + sqrt_1m * eps + delta - sqrt_1m * eps_hat) / sqrt_ab
+    c_skip, c_out, c_in, _ = (c[:, None] for c in sampler.edm_precond(sigma))
+
+    def F(inp, c_noise):  # the network output that makes D(x_e + delta_e) = x0_hat
+        return (x0_hat - c_skip * inp / c_in) / c_out
+
+    # `delta` target (exact, y unchanged): the eps-form with target eps + delta/sqrt(1 - ab) has the same value
+    lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    edm = dpm_at.edm_loss(F, x_e, sigma, x0, delta_e, "delta")
+    assert (4 * edm / (lam * sigma**2)).tolist() == pytest.approx([0.0500442348, 0.0597853210], rel=1e-8)
+
+
+def test_gaussian_bins_sum_to_one():
+    """The discretized Gaussian decoder likelihood sums to 1 over the 256 pixel bins (DDPM Sec. 3.3)."""
+    bins = (torch.arange(256, dtype=torch.float64) / 127.5 - 1).view(256, 1)
+    for mean, log_scale in [(0.1, -2.0), (-0.9, -4.0), (0.0, 0.5)]:
+        logp = dpm_at.discretized_gaussian_log_likelihood(bins, torch.tensor(mean, dtype=torch.float64),
+                                                          torch.tensor(log_scale, dtype=torch.float64))
+        assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_vb_term_is_gaussian_kl():
+    """For t > 0, L_vb equals KL(q(x_{t-1}|x_t,x0) || p) of torch.distributions, in bits per dim (IDDPM Sec. 3.1)."""
+    alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta("cosine"))
+    g = torch.Generator().manual_seed(0)
+    x0, x_t, eps_hat = (torch.randn(3, 2, 2, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    v = torch.rand(3, 2, 2, 2, generator=g, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([1, 300, 999])
+    got = dpm_at.vb_term(x0, x_t, t, eps_hat, v, alpha_bar)
+    beta = sampler.make_beta("cosine")
+    c1, c2, bt = sampler.posterior(beta)
+    for i, ti in enumerate(t.tolist()):
+        ab = alpha_bar[ti]
+        x0_hat = (x_t[i] - (1 - ab).sqrt() * eps_hat[i]) / ab.sqrt()
+        log_var = (v[i] + 1) / 2 * beta[ti].log() + (1 - v[i]) / 2 * bt[ti].log()
+        q = torch.distributions.Normal(c1[ti] * x0[i] + c2[ti] * x_t[i], bt[ti].sqrt())
+        p = torch.distributions.Normal(c1[ti] * x0_hat + c2[ti] * x_t[i], (0.5 * log_var).exp())
+        expected = torch.distributions.kl_divergence(q, p).mean() / math.log(2)
+        assert got[i].item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_learned_sigma_and_importance_step():
+    """A learned-variance (hybrid loss) AT step with loss-second-moment t-sampling gives finite losses, fills the
+    t history, and its importance weights average to 1 under p (unbiased: E_p[1/(T p_t)] = 1)."""
+    torch.manual_seed(0)
+    net = unet.build_unet("tiny", learn_sigma=True)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else None
+    ema = copy.deepcopy(net)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta("cosine"))
+    T = 1000
+    t_state = dict(history=torch.rand(T, 10) + 0.1, count=torch.full((T,), 10))
+    x0 = torch.rand(4, 3, 32, 32) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    clean, adv, delta_norm = dpm_at.train_step(net, ema, opt, x0, alpha_bar, at_args(), g, t_state)
+    assert torch.isfinite(clean) and torch.isfinite(adv) and delta_norm > 0
+    assert t_state["count"].sum().item() == 10 * T + 4  # one clean-pass loss per sample, not one per inner pass
+    p = (t_state["history"] ** 2).mean(1).sqrt()
+    p = 0.999 * p / p.sum() + 0.001 / T
+    _, w = dpm_at.sample_t(t_state, 8, T, torch.Generator().manual_seed(1), "cpu")
+    assert (p * (1 / (T * p))).sum().item() == pytest.approx(1.0)
+    assert torch.isfinite(w).all() and (w > 0).all()
+
+
+def test_edm_at_step_in_mapped_ball():
+    """One EDM + AT step on the tiny UNet keeps every delta inside its sigma-mapped ball (SPEC §3.6) and changes
+    the weights; with --adv-space raw the same budget is not scaled."""
+    net, ema, opt, alpha_bar, args = tiny_setup()
+    args.loss, args.adv_budget, args.adv_step_size = "edm", 0.002, 0.5  # small ball so that projection binds
+    seen = []
+    real = dpm_at.edm_loss
+
+    def spy(net_, x, sigma, y, delta, target="delta_detach"):
+        seen.append((sigma, delta.detach().clone()))
+        return real(net_, x, sigma, y, delta, target)
+
+    dpm_at.edm_loss, before = spy, [p.detach().clone() for p in net.parameters()]
+    try:
+        x0 = torch.rand(4, 3, 32, 32) * 2 - 1
+        clean, adv, _ = dpm_at.train_step(net, ema, opt, x0, alpha_bar, args, torch.Generator().manual_seed(0))
+    finally:
+        dpm_at.edm_loss = real
+    sigma, delta = seen[-1]
+    radius = 0.002 * math.sqrt(3 * 32 * 32) * (1 + sigma**2).sqrt()
+    norms = delta.flatten(1).norm(dim=1)
+    assert (norms <= radius * (1 + 1e-5)).all() and torch.allclose(norms, radius, rtol=1e-4)
+    assert torch.isfinite(clean) and torch.isfinite(adv)
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))

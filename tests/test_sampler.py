@@ -1,5 +1,6 @@
 """Schedules, respacing, posterior and samplers against the independent numbers of SPEC §7 (T1-T5, T12)."""
 import math
+import os
 
 import pytest
 import torch
@@ -160,3 +161,205 @@ def test_fixed_small_variance_final_step_is_noise_free():
     expected = gaussian_denoiser(x_T / math.sqrt(ab), torch.full((2,), math.sqrt((1 - ab) / ab),
                                                                   dtype=torch.float64)).clamp(-1, 1)
     assert torch.allclose(out, expected, rtol=1e-10)
+
+
+def test_karras_grid_T6():
+    """The EDM sigma grid (rho = 7) matches SPEC T6 for N = 18 and N = 40, ending in an exact sigma_min and 0."""
+    grid = sampler.karras_sigmas(18)
+    expected = [80, 57.586, 40.7856, 28.3746, 19.3525, 12.9101, 8.40094, 5.31519, 3.25682, 1.92334, 1.08817,
+                0.585348, 0.296442, 0.139516, 0.0599473, 0.0229345, 0.00752802, 0.002, 0]
+    assert grid.tolist() == pytest.approx(expected, rel=1e-5)
+    grid40 = sampler.karras_sigmas(40)
+    assert grid40[:5].tolist() == pytest.approx([80, 69.4509, 60.1174, 51.8803, 44.6302], rel=1e-5)
+    assert grid40[-4:-1].tolist() == pytest.approx([0.00643711, 0.00367659, 0.002], rel=1e-5)
+    assert grid40[22].item() == pytest.approx(1.38236795665, rel=1e-10)
+    assert grid40[-2].item() == 0.002
+
+
+def test_edm_preconditioning_T7():
+    """c_skip, c_out, c_in, c_noise (EDM Table 1) and lambda(sigma) match SPEC T7; c_skip -> 1, c_out -> 0 as sigma -> 0."""
+    sigma = torch.tensor([0.002, 0.5, 1.0, 80.0], dtype=torch.float64)
+    c_skip, c_out, c_in, c_noise = sampler.edm_precond(sigma)
+    assert c_skip.tolist() == pytest.approx([0.9999840003, 0.5, 0.2, 3.906097418e-05], rel=1e-9)
+    assert c_out.tolist() == pytest.approx([0.001999984, 0.3535533906, 0.4472135955, 0.4999902347], rel=1e-6)
+    assert c_in.tolist() == pytest.approx([1.999984, 1.414213562, 0.894427191, 0.01249975587], rel=1e-6)
+    assert c_noise.tolist() == pytest.approx([-1.553652025, -0.1732867951, 0, 1.095506659], rel=1e-9, abs=1e-12)
+    lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
+    assert (lam * c_out**2).tolist() == pytest.approx([1, 1, 1, 1], rel=1e-12)  # unit effective weight on F
+    assert lam.tolist() == pytest.approx([250004, 8, 5, 4.00015625], rel=1e-9)
+    tiny = sampler.edm_precond(torch.tensor([1e-9], dtype=torch.float64))
+    assert tiny[0].item() == pytest.approx(1.0) and tiny[1].item() == pytest.approx(0.0, abs=1e-8)
+
+
+def test_lognormal_sigma_quantiles_T7():
+    """EDM's training sigma, ln sigma ~ N(-1.2, 1.2^2), has the quantiles of SPEC T7 (sampled as in dpm_at.edm_batch)."""
+    import dpm_at
+
+    captured = {}
+    real = dpm_at.edm_loss
+
+    def spy(net, x, sigma, y, delta, target="delta_detach"):
+        captured["sigma"] = sigma
+        return torch.zeros(x.shape[0])
+
+    dpm_at.edm_loss = spy
+    try:
+        loss_of_delta, _, _ = dpm_at.edm_batch(None, torch.zeros(400_000, 1), None,
+                                               type("A", (), {"adv_space": "vp", "adv_target": "delta"}),
+                                               torch.Generator().manual_seed(0), None)
+        loss_of_delta(0.0)
+    finally:
+        dpm_at.edm_loss = real
+    q = torch.quantile(captured["sigma"][:100_000].double(), torch.tensor([0.01, 0.1, 0.5, 0.9, 0.99],
+                                                                           dtype=torch.float64))
+    assert q.tolist() == pytest.approx([0.0184698, 0.0647086, 0.301194, 1.40195, 4.91169], rel=0.03)
+
+
+@pytest.mark.parametrize("n, heun_end, euler_end", [(5, 1.2578863077, 0.2336289316), (10, 0.6097980008, 0.3652130651),
+                                                     (18, 0.5276246370, 0.4230314364)])
+def test_heun_euler_gaussian_T12(n, heun_end, euler_end):
+    """EDM Heun and Euler from x = 80 with the exact Gaussian denoiser reach SPEC T12's end points, with NFE 2N-1 / N."""
+    calls = []
+
+    def counted(x, sigma):
+        calls.append(1)
+        return gaussian_denoiser(x, sigma)
+
+    x = torch.full((1, 1), 80.0, dtype=torch.float64)
+    assert sampler.edm_sample(counted, x, sampler.karras_sigmas(n)).item() == pytest.approx(heun_end, rel=1e-8)
+    assert len(calls) == 2 * n - 1 == sampler.nfe("heun", n)
+    calls.clear()
+    assert sampler.edm_sample(counted, x, sampler.karras_sigmas(n), heun=False).item() == pytest.approx(euler_end,
+                                                                                                        rel=1e-8)
+    assert len(calls) == n == sampler.nfe("euler", n)
+
+
+def test_heun_approaches_exact_ode():
+    """Heun's error to the exact ODE end point 0.49999023466 (SPEC T12) shrinks as the number of steps grows."""
+    x = torch.full((1, 1), 80.0, dtype=torch.float64)
+    errors = [abs(sampler.edm_sample(gaussian_denoiser, x, sampler.karras_sigmas(n)).item() - 0.49999023466)
+              for n in (10, 18, 40, 100, 400)]
+    assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-4
+
+
+def test_edm_churn_is_seeded():
+    """S_churn > 0 makes Heun stochastic (EDM Alg. 2), reproducibly under a seed."""
+    x = torch.randn(2, 3, dtype=torch.float64) * 80
+
+    def run(seed):
+        return sampler.edm_sample(gaussian_denoiser, x, sampler.karras_sigmas(10), generator=torch.Generator().manual_seed(seed),
+                                  S_churn=10.0)
+
+    assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
+    assert not torch.equal(run(0), sampler.edm_sample(gaussian_denoiser, x, sampler.karras_sigmas(10)))
+
+
+def test_cm_boundary_T8_and_two_step_T13(monkeypatch):
+    """CM scalings match SPEC T8; with the ideal consistency function, the 2-step sampler on (0, 22, 39) gives T13."""
+    sigma = torch.tensor([0.002, 0.5, 1.0, 80.0], dtype=torch.float64)
+    c_skip, c_out = sampler.cm_scalings(sigma)
+    assert c_skip.tolist() == pytest.approx([1, 0.502004, 0.2006414105, 3.906292723e-05], rel=1e-6)
+    assert c_out.tolist() == pytest.approx([0, 0.352139177, 0.4463191683, 0.4999777349], rel=1e-8)
+
+    def ideal(x, s):
+        return x * ((0.25 + 0.002**2) / (0.25 + sampler.expand(s, x) ** 2)).sqrt()
+
+    monkeypatch.setattr(torch, "randn", lambda shape, **kw: torch.full(shape, 0.3, dtype=kw.get("dtype")))
+    out = sampler.consistency_sample(ideal, torch.ones(1, 1, dtype=torch.float64), sampler.karras_sigmas(40)[:-1],
+                                     [0, 22, 39])
+    assert out.item() == pytest.approx(0.31112339868, rel=1e-9)
+
+
+def test_eps_scaling_identity():
+    """ES divides eps_hat by lambda: D' = x - sigma * eps_hat / lambda (SPEC §1.6), for plain and (x0, v) outputs."""
+    x = torch.randn(2, 3, dtype=torch.float64)
+    sigma = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    eps_hat = (x - gaussian_denoiser(x, sigma)) / sigma[:, None]
+    out = sampler.eps_scaled(gaussian_denoiser, 1.017)(x, sigma)
+    assert torch.allclose(out, x - sigma[:, None] * eps_hat / 1.017, rtol=1e-12)
+    both = sampler.eps_scaled(lambda a, s: (gaussian_denoiser(a, s), "v"), 1.017)(x, sigma)
+    assert torch.allclose(both[0], out) and both[1] == "v"
+
+
+def test_learned_variance_interpolates():
+    """With v = +1 the learned ancestral step uses beta' (= fixed_large's noise), with v = -1 beta~' (fixed_small)."""
+    alpha_bar = cosine_alpha_bar()
+    steps = sampler.respace("5")
+    x_T = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+
+    def run(variance, v_value):
+        def denoise(x, s):
+            out = gaussian_denoiser(x, s)
+            return (out, torch.full_like(out, v_value)) if variance == "learned" else out
+        return sampler.ddpm_sample(denoise, x_T, alpha_bar, steps, torch.Generator().manual_seed(0), variance)
+
+    beta = sampler.respaced_beta(alpha_bar, steps)
+    assert torch.allclose(run("learned", -1.0), run("fixed_small", 0.0), rtol=1e-10)
+    # fixed_large differs from v = +1 only in the k = 1 ... K-1 variance: beta' (equal) vs beta~'_1 at k = 0 (unused)
+    assert torch.allclose(run("learned", 1.0), run("fixed_large", 0.0), rtol=1e-10)
+    assert (beta[1:] > sampler.posterior(beta)[2][1:]).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """One-step dpm_at.py runs (ddpm with learned sigma, and edm) on tiny shapes: real checkpoints of each loss."""
+    import dpm_at
+
+    paths = {}
+    for loss, extra in [("ddpm", ["--learn-sigma", "--t-sampler", "loss-second-moment"]), ("edm", [])]:
+        out = tmp_path_factory.mktemp(loss)
+        dpm_at.main(dpm_at.parse_args(["--tiny", "--loss", loss, "--steps", "1", "--batch-size", "2", "--num-shapes",
+                                       "8", "--num-grid", "1", "--grid-steps", "1", "--out", str(out), "--device",
+                                       "cpu", *extra]))
+        paths[loss] = str(out / "ckpt.pt")
+    return paths
+
+
+@pytest.mark.parametrize("loss", ["ddpm", "edm"])
+@pytest.mark.parametrize("name", ["ddpm", "es", "ddim", "euler", "heun"])
+def test_every_sampler_on_every_loss(tiny_checkpoints, loss, name):
+    """A checkpoint of each loss samples with each sampler: right shape, the stated NFE, values in [-1, 1]."""
+    ckpt, net = sampler.load_model(tiny_checkpoints[loss])
+    calls = []
+    forward = net.forward
+    net.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]
+    args = sampler.parse_args(["--ckpt", "x"])
+    steps = 5
+    z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    x = sampler.generate(ckpt, net, name, steps, z, torch.Generator().manual_seed(0), args)
+    assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()
+    assert x.min() >= -1 and x.max() <= 1
+    assert len(calls) == sampler.nfe(name, steps)
+
+
+def test_sampler_cli(tiny_checkpoints, tmp_path):
+    """The CLI writes a uint8 (N, H, W, 3) npz under arr_0 plus a PNG, identical for identical seeds; bad input gives
+    one-line errors."""
+    import numpy as np
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(*argv):
+        return subprocess.run([sys.executable, os.path.join(root, "sampler.py"), *argv], capture_output=True,
+                              text=True, timeout=300)
+
+    base = ["--ckpt", tiny_checkpoints["ddpm"], "--num", "3", "--batch-size", "2", "--device", "cpu"]
+    r = run(*base, "--sampler", "ddpm", "--steps", "4", "--out", str(tmp_path / "a.npz"))
+    assert r.returncode == 0, r.stderr
+    a = np.load(tmp_path / "a.npz")["arr_0"]
+    assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8 and (tmp_path / "a.png").exists()
+    sampler.main(sampler.parse_args([*base, "--sampler", "ddpm", "--steps", "4", "--out", str(tmp_path / "b.npz")]))
+    assert np.array_equal(a, np.load(tmp_path / "b.npz")["arr_0"])
+    for argv, expect in [(["--sampler", "nosuch"], "unknown sampler"), (["--steps", "0"], "--steps"),
+                         (["--sampler", "consistency"], "does not fit"),
+                         (["--out", str(tmp_path / "missing" / "x.npz")], "does not exist")]:
+        with pytest.raises(sampler.SamplerError, match=expect):
+            sampler.main(sampler.parse_args([*base, *argv]))
+    edm = ["--ckpt", tiny_checkpoints["edm"], "--variance", "learned", "--sampler", "ddpm", "--out",
+           str(tmp_path / "c.npz")]
+    with pytest.raises(sampler.SamplerError, match="learned sigma"):
+        sampler.main(sampler.parse_args(edm))
+    r = run("--ckpt", str(tmp_path / "a.npz"), "--out", str(tmp_path / "d.npz"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip().startswith("error:")
