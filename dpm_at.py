@@ -8,7 +8,7 @@ Borrowed: DDPM (Ho et al. 2020) Alg. 1 and L_simple (Eq. 14 of DDPM); ADM / IDDP
 Uses: unet.py, data.py, sampler.py, attacks.py.     Used by: nothing (writes checkpoints that cm_at.py and
       sampler.py read: the checkpoint dict, not this code, is the contract).
 
-    python dpm_at.py --dataset shapes                      # offline demo on a laptop CPU (~10 min, grids in runs/)
+    python dpm_at.py --dataset shapes                      # offline demo on a CPU: a grid every 200 steps
     python dpm_at.py --dataset shapes --tiny --steps 20    # seconds: watch the loop run
     python dpm_at.py --dataset cifar10 --adv-steps 0 --steps 250000 --out runs/c10_clean   # clean pre-training
     python dpm_at.py --dataset cifar10 --init-from runs/c10_clean/ckpt.pt --out runs/c10_at # AT fine-tuning (paper)
@@ -35,12 +35,12 @@ import unet
 
 # Per-dataset defaults; explicit flags win. cifar10 = the authors' cifar_adv_train.sh (SPEC §1.7, §3.4): batch 128,
 # AdamW lr 1e-4, EMA 0.9999, 200K AT steps after 250K clean ones. shapes / tiny are ours [PROJECT]: small enough for
-# a CPU, with a short EMA so that grids show progress within minutes.
+# a 2-core CPU (~1.3 s per AT batch), with a larger lr and a short EMA so that grids show progress within minutes.
 DATASET_DEFAULTS = {
     "cifar10": dict(preset="cifar10", steps=200_000, batch_size=128, lr=1e-4, ema_decay=0.9999, learn_sigma=True,
                     t_sampler="loss-second-moment", log_every=100, grid_every=5000, save_every=5000, num_grid=64),
-    "shapes": dict(preset="small", steps=3000, batch_size=32, lr=2e-4, ema_decay=0.995, learn_sigma=False,
-                   t_sampler="uniform", log_every=50, grid_every=500, save_every=500, num_grid=64),
+    "shapes": dict(preset="tiny", steps=2000, batch_size=16, lr=1e-3, ema_decay=0.99, learn_sigma=False,
+                   t_sampler="uniform", log_every=20, grid_every=200, save_every=200, num_grid=64),
 }
 TINY = dict(preset="tiny", steps=20, batch_size=8, ema_decay=0.9, log_every=5, grid_every=10, save_every=10,
             num_grid=16, num_shapes=512)
@@ -84,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--init-from", default=None, help="start from this checkpoint's weights (+EMA), fresh optimizer, step 0")
     a("--resume", default=None, help="continue a run from its checkpoint (weights, EMA, optimizer, step, RNG)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default cuda if available")
+    a("--precision", default=None, choices=["bf16", "fp32"],
+      help="bf16 autocast (default on CUDA; weights, optimizer, EMA and delta stay fp32) or fp32 (default on CPU)")
+    a("--compile", action="store_true", help="torch.compile the network for training (all K inner passes run "
+                                             "through it); costs a one-time compile of a minute or more")
     a("--seed", type=int, default=0, help="seeds init, data, t, eps, dropout and the grids; default 0")
     a("--num-shapes", type=int, default=10000, help="size of the generated shapes set; default 10000")
     a("--log-every", type=int, default=None, help="steps between log lines / metrics.jsonl records")
@@ -113,6 +117,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.adv_steps < 0:
         raise UserError(f"--adv-steps must be >= 0, got {args.adv_steps}")
+    if args.precision is None:
+        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
     if args.loss == "edm" and (args.learn_sigma or args.t_sampler != "uniform"):
         args.learn_sigma, args.t_sampler = False, "uniform"  # both belong to the VP/DDPM loss only
     return args
@@ -253,6 +259,28 @@ def update_t_history(t_state, t, losses) -> None:
     t_state["count"].index_add_(0, t, torch.ones_like(t))
 
 
+def fast_path(net, args):
+    """The one-GPU fast path, off on CPU: TF32 matmuls, channels_last, fused AdamW, optional torch.compile.
+
+    Returns (network to train through, optimizer, autocast context for the K passes).
+    """
+    on_gpu = torch.device(args.device).type == "cuda"
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        net.to(memory_format=torch.channels_last)
+    # SPEC §1.7: AdamW, weight decay 0, constant lr; the fused kernel updates all tensors in a few launches
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0, fused=on_gpu)
+    train_net = torch.compile(net) if args.compile else net
+    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    return train_net, opt, autocast
+
+
+def to_input_layout(x0, args):
+    """channels_last on CUDA (what the convolutions prefer), unchanged on CPU."""
+    return x0.contiguous(memory_format=torch.channels_last) if args.device.startswith("cuda") else x0
+
+
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
     # SPEC §1.7: theta_ema <- decay * theta_ema + (1 - decay) * theta, after every optimizer step
@@ -332,9 +360,6 @@ def main(args: argparse.Namespace) -> None:
     with open(os.path.join(args.out, "args.json"), "w") as f:
         json.dump(vars(args), f, indent=1)
 
-    # On x86 CPUs, denormal floats (underflow in exp/sigmoid inside SiLU, softmax, GroupNorm backward) made training
-    # steps 10-25x slower in our measurements; flushing them to zero changes only values below 1.2e-38.
-    torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)  # init weights and dropout masks
     generator = torch.Generator(device=args.device).manual_seed(args.seed)  # data, t, eps
     images = data.load_dataset(args.dataset, args.data_dir, seed=args.seed, num_shapes=args.num_shapes)
@@ -350,8 +375,9 @@ def main(args: argparse.Namespace) -> None:
     schedule = source["schedule"] if source else args.schedule
     net = unet.UNet(**net_config).to(args.device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    # SPEC §1.7: AdamW, weight decay 0, constant lr
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
+    train_net, opt, autocast = fast_path(net, args)
+    if args.compile:
+        print("--compile: the first steps compile the network (a minute or more), later steps are faster")
     alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta(schedule)).to(args.device)
     # IDDPM's loss-second-moment history: the last 10 losses per t, and how many were seen
     t_state = dict(history=torch.zeros(alpha_bar.shape[0], 10, device=args.device),
@@ -388,9 +414,10 @@ def main(args: argparse.Namespace) -> None:
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a")
     try:
         for step in bar:
-            x0 = data.random_batch(images, args.batch_size, generator)
+            x0 = to_input_layout(data.random_batch(images, args.batch_size, generator), args)
             net.train()
-            sums += torch.stack(train_step(net, ema, opt, x0, alpha_bar, args, generator, t_state))
+            with autocast:
+                sums += torch.stack(train_step(train_net, ema, opt, x0, alpha_bar, args, generator, t_state))
             step += 1  # counts finished batches (SPEC §3.4: K optimizer steps per batch, one step count)
             log, save, grid = (step % n == 0 or step == args.steps
                                for n in (args.log_every, args.save_every, args.grid_every))

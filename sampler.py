@@ -451,7 +451,6 @@ def main(args: argparse.Namespace) -> None:
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         raise SamplerError(f"output folder {out_dir} does not exist")
-    torch.set_flush_denormal(True)  # see dpm_at.py: denormals slow CPU arithmetic by 10x or more
     ckpt, net = load_model(args.ckpt, args.device, args.weights)
     check_fits(ckpt, args.sampler, args.variance)
     shape = (ckpt["net"]["in_channels"], ckpt["net"]["image_size"], ckpt["net"]["image_size"])
