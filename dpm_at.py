@@ -60,11 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--batch-size", type=int, default=None, help="images per batch; cifar10: 128 (SPEC §1.7)")
     a("--lr", type=float, default=None, help="AdamW learning rate, constant; cifar10: 1e-4 (SPEC §1.7)")
     a("--ema-decay", type=float, default=None, help="EMA decay per optimizer step; cifar10: 0.9999 (SPEC §1.7)")
-    a("--preset", default=None, help="UNet size: cifar10 | small | tiny (unet.PRESETS)")
+    a("--preset", default=None, choices=list(unet.PRESETS), help="network size (unet.PRESETS); cifar10: cifar10")
     a("--dropout", type=float, default=None, help="dropout; default the preset's (cifar10: 0.3, SPEC §1.7)")
     a("--loss", default="ddpm", choices=list(BATCHES), help="ddpm: eps-prediction on VP x_t (SPEC §1.2, the paper's "
       "CIFAR-10 run); edm: EDM's preconditioned denoiser (SPEC §2.1); default ddpm")
-    a("--schedule", default="cosine", help="VP beta schedule: cosine | linear (SPEC §1.1); default cosine")
+    a("--schedule", default="cosine", choices=["cosine", "linear"], help="VP beta schedule: cosine | linear (SPEC §1.1); default cosine")
     a("--learn-sigma", default=None, action=argparse.BooleanOptionalAction,
       help="ddpm: learned variance + hybrid loss (SPEC §1.2); default on for cifar10 (SPEC §1.7), else off")
     a("--t-sampler", default=None, choices=["uniform", "loss-second-moment"],
@@ -89,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--compile", action="store_true", help="torch.compile the network for training (all K inner passes run "
                                              "through it); costs a one-time compile of a minute or more")
     a("--seed", type=int, default=0, help="seeds init, data, t, eps, dropout and the grids; default 0")
-    a("--num-shapes", type=int, default=10000, help="size of the generated shapes set; default 10000")
+    a("--num-shapes", type=int, default=None, help="size of the generated shapes set; default 10000 (--tiny: 512)")
     a("--log-every", type=int, default=None, help="steps between log lines / metrics.jsonl records")
     a("--grid-every", type=int, default=None, help="steps between PNG sample grids (EMA model, fixed seed)")
     a("--save-every", type=int, default=None, help="steps between checkpoints (ckpt.pt, written atomically)")
@@ -104,10 +104,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset flags from the dataset's defaults (then --tiny's); explicit flags always win."""
     family = "shapes" if args.dataset == "shapes" else "cifar10"  # folder:PATH trains with the cifar10 recipe
     defaults = dict(DATASET_DEFAULTS[family], **(TINY if args.tiny else {}))
+    defaults.setdefault("num_shapes", 10000)
     for key, value in defaults.items():
-        if key == "num_shapes":
-            args.num_shapes = value
-        elif getattr(args, key) is None:
+        if getattr(args, key) is None:
             setattr(args, key, value)
     if args.out is None:
         args.out = os.path.dirname(args.resume) if args.resume else \
