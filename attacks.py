@@ -4,7 +4,7 @@ Paper: Wang et al. 2025, arXiv:2502.17099v1; the AT objective min_theta E max_{d
        (Sec. 3-4, Eq. (14) as the OpenReview reviews number it; see ../shared/SPEC.md §3.1, §3.3, §5).
 Borrowed: normalised-gradient l2 ascent + projection = PGD (Madry et al. 2018, Eq. 2), sign step = FGSM
           (Goodfellow et al. 2015); the ball radius eta*sqrt(d) and step rule follow the authors' released code.
-Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, and the robustness evaluation.
+Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, robustness.py.
 Run: python attacks.py            (prints a tiny demo; full checks in tests/test_attacks.py)
 
 This file knows nothing about diffusion: `free_at` and `pgd` take a loss closure loss_of_delta(delta) -> (B,) that

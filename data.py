@@ -3,13 +3,15 @@
 Paper: Wang et al. 2025, arXiv:2502.17099v1; the experiments train unconditional models on CIFAR-10 32x32.
 Borrowed: random horizontal flips and the BOX-then-BICUBIC resize of image folders follow ADM's
           image_datasets.py (Dhariwal & Nichol 2021). The "shapes" set is ours: a tiny offline stand-in.
-Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, eval_fid.py.
+Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, eval_fid.py, toy_experiment.py, robustness.py.
 Run: python data.py --dataset shapes --out grid.png   (full checks in tests/test_data.py)
 
 Symbols: clean data sample -> x0, a (B, 3, H, W) float32 batch in [-1, 1]
 
 We keep the whole dataset as one uint8 (N, 3, S, S) tensor (CIFAR-10 is 150 MB) so that it can sit on the
 GPU, and `random_batch` draws from it with a torch.Generator: no DataLoader, no worker processes.
+The 2-D point sets "ring" and "checkerboard" (densities known in closed form, for toy_experiment.py) are float32
+(N, 2) tensors instead; `random_batch` returns their rows as they are.
 """
 
 import argparse
@@ -256,11 +258,49 @@ def make_shapes(n: int, seed: int = 0, image_size: int = 32) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
+# 2-D point sets with known densities, inside [-1, 1]^2 because the VP samplers clip x0_hat to [-1, 1]
+
+POINT_SETS = ("ring", "checkerboard")
+
+
+def make_points(name: str, n: int, seed: int = 0) -> np.ndarray:
+    """n points of a 2-D density, float32 (n, 2), deterministic given seed.
+
+    ring: the "8 Gaussians" toy rescaled: an equal mixture of N(c_k, 0.05^2 I), c_k = 0.7 (cos 2 pi k/8, sin 2 pi k/8).
+    checkerboard: the 4x4 checkerboard of FFJORD (Grathwohl et al. 2019), uniform on the 8 cells (r, c) of
+    [-2, 2]^2 with r + c even, scaled by 0.45 into [-0.9, 0.9]^2.
+    """
+    rng = np.random.default_rng(seed)
+    if name == "ring":
+        angle = 2 * math.pi * rng.integers(0, 8, n) / 8
+        points = 0.7 * np.stack([np.cos(angle), np.sin(angle)], 1) + 0.05 * rng.standard_normal((n, 2))
+    elif name == "checkerboard":
+        col = rng.integers(0, 4, n)
+        row = 2 * rng.integers(0, 2, n) + col % 2  # row + col is even
+        points = 0.45 * (np.stack([col, row], 1) - 2 + rng.random((n, 2)))
+    else:
+        raise DatasetError(f"unknown point set {name!r}; choose one of {', '.join(POINT_SETS)}")
+    return points.astype(np.float32)
+
+
+def save_scatter(points: torch.Tensor, path: str, size: int = 256) -> None:
+    """Write (N, 2) points in [-1, 1]^2 as a size x size grey-scale density image (darker = more points)."""
+    xy = points.detach().cpu().double().numpy()
+    # rows run top to bottom, so y is flipped; points outside [-1, 1]^2 are dropped
+    counts, _, _ = np.histogram2d(-xy[:, 1], xy[:, 0], bins=size, range=[[-1, 1], [-1, 1]])
+    level = np.clip(counts / max(np.percentile(counts[counts > 0], 99), 1) if counts.any() else counts, 0, 1)
+    Image.fromarray((255 * (1 - level)).astype(np.uint8)).save(path)
+
+
+# -----------------------------------------------------------------------------
 # The interface the training scripts use
 
 def load_dataset(name: str, data_dir: str = "./data", seed: int = 0, num_shapes: int = 10000,
-                 image_size: int = 32) -> torch.Tensor:
-    """The dataset called "cifar10", "shapes" or "folder:PATH", as one uint8 (N, 3, S, S) tensor."""
+                 image_size: int = 32, num_points: int = 100_000) -> torch.Tensor:
+    """The dataset called "cifar10", "shapes" or "folder:PATH", as one uint8 (N, 3, S, S) tensor;
+    a point set ("ring", "checkerboard") as float32 (num_points, 2)."""
+    if name in POINT_SETS:
+        return torch.from_numpy(make_points(name, num_points, seed))
     if name == "cifar10":
         if image_size != 32:
             raise DatasetError(f"cifar10 images are 32x32, but image_size={image_size} was asked for")
@@ -270,7 +310,8 @@ def load_dataset(name: str, data_dir: str = "./data", seed: int = 0, num_shapes:
     elif name.startswith("folder:") and name[len("folder:"):]:
         images = load_folder(name[len("folder:"):], image_size)
     else:
-        raise DatasetError(f"unknown dataset {name!r}; choose cifar10, shapes or folder:PATH")
+        raise DatasetError(f"unknown dataset {name!r}; choose cifar10, shapes or folder:PATH (images), "
+                           f"or {' / '.join(POINT_SETS)} (2-D points)")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
 
 
@@ -279,9 +320,12 @@ def random_batch(images: torch.Tensor, batch_size: int, generator: torch.Generat
     """x0: batch_size images drawn uniformly with replacement, each flipped left-right with p = 1/2.
 
     images is uint8 (N, 3, S, S); everything stays on images.device (generator must live there too), with
-    no host sync. Returns float32 (B, 3, S, S) in [-1, 1].
+    no host sync. Returns float32 (B, 3, S, S) in [-1, 1]. A floating-point tensor (a point set, (N, d)) is
+    already x0: its rows are returned as they are, never flipped.
     """
     index = torch.randint(0, images.shape[0], (batch_size,), generator=generator, device=images.device)
+    if images.is_floating_point():
+        return images[index]  # (B, d)
     x0 = images[index].float() / 127.5 - 1  # (B, 3, S, S)
     if flip:
         mirror = torch.rand(batch_size, generator=generator, device=images.device) < 0.5
@@ -326,7 +370,8 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None) ->
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Save a grid of real training images.")
-    parser.add_argument("--dataset", default="shapes", help="cifar10, shapes or folder:PATH; default shapes")
+    parser.add_argument("--dataset", default="shapes", help="cifar10, shapes, folder:PATH, ring or checkerboard; "
+                                                            "default shapes")
     parser.add_argument("--data-dir", default="./data", help="where CIFAR-10 is found or downloaded to")
     parser.add_argument("--out", default="grid.png", help="PNG file to write")
     parser.add_argument("--num", type=int, default=64, help="how many images to show")
@@ -341,7 +386,11 @@ def main(args: argparse.Namespace) -> None:
         if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):  # fail before a long download
             raise DatasetError(f"cannot write {args.out}: its folder does not exist")
         images = load_dataset(args.dataset, args.data_dir, seed=args.seed)
-        print(f"{args.dataset}: {images.shape[0]} images, shape {tuple(images.shape)}, {images.dtype}")
+        print(f"{args.dataset}: {images.shape[0]} samples, shape {tuple(images.shape)}, {images.dtype}")
+        if images.is_floating_point():  # a point set: all of it as one scatter image
+            save_scatter(images, args.out)
+            print(f"wrote a scatter image of {images.shape[0]} points to {args.out}")
+            return
         save_image_grid(images[:args.num], args.out)
         print(f"wrote {min(args.num, images.shape[0])} images to {args.out}")
     except DatasetError as e:

@@ -4,12 +4,13 @@ Paper: Wang et al. 2025, arXiv:2502.17099v1; DRO over a ball around q(x_t) <=> A
        Eq. (14)); efficient AT (Sec. 4): K ascent steps on delta, each reusing the backward pass of a weight update.
 Borrowed: DDPM (Ho et al. 2020) Alg. 1 and L_simple (Eq. 14 of DDPM); ADM / IDDPM CIFAR-10 recipe (Nichol & Dhariwal
           2021); "free" AT minibatch replay (Shafahi et al. 2019, Alg. 1). Loop semantics follow the authors' released
-          code, see ../shared/SPEC.md §3.4.
+          code, see ../shared/SPEC.md §3.4. The input-perturbation baseline is DDPM-IP (Ning et al. 2023, Alg. 1).
 Uses: unet.py, data.py, sampler.py, attacks.py.     Used by: nothing (writes checkpoints that cm_at.py and
       sampler.py read: the checkpoint dict, not this code, is the contract).
 
     python dpm_at.py --dataset shapes                      # offline demo on a CPU: a grid every 200 steps
     python dpm_at.py --dataset shapes --tiny --steps 20    # seconds: watch the loop run
+    python dpm_at.py --dataset ring --steps 3000           # 2-D toy (MLP), a scatter of samples every 1000 steps
     python dpm_at.py --dataset cifar10 --adv-steps 0 --steps 250000 --out runs/c10_clean   # clean pre-training
     python dpm_at.py --dataset cifar10 --init-from runs/c10_clean/ckpt.pt --out runs/c10_at # AT fine-tuning (paper)
 
@@ -41,6 +42,9 @@ DATASET_DEFAULTS = {
                     t_sampler="loss-second-moment", log_every=100, grid_every=5000, save_every=5000, num_grid=64),
     "shapes": dict(preset="tiny", steps=2000, batch_size=16, lr=1e-3, ema_decay=0.99, learn_sigma=False,
                    t_sampler="uniform", log_every=20, grid_every=200, save_every=200, num_grid=64),
+    # [PROJECT] the 2-D point sets (data.POINT_SETS) train the MLP; "grids" are scatter images of num_grid samples
+    "points": dict(preset="mlp2d", steps=3000, batch_size=512, lr=1e-3, ema_decay=0.995, learn_sigma=False,
+                   t_sampler="uniform", log_every=100, grid_every=1000, save_every=1000, num_grid=5000),
 }
 TINY = dict(preset="tiny", steps=20, batch_size=8, ema_decay=0.9, log_every=5, grid_every=10, save_every=10,
             num_grid=16, num_shapes=512)
@@ -81,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       "r = eta sqrt(d) sqrt(1 + sigma^2) (vp), or taken as is in EDM space (raw) (SPEC §3.6); default vp")
     a("--adv-target", default="delta_detach", choices=list(TARGETS),
       help="regression target under perturbation (SPEC §3.2); default delta_detach (authors' CIFAR-10 script)")
+    a("--input-perturbation", type=float, default=0.0, help="gamma of the DDPM-IP baseline (Ning et al. 2023, "
+      "Alg. 1): x_t built from eps + gamma*xi, target eps; ddpm loss only; 0 = off (default), the paper uses 0.1")
     a("--init-from", default=None, help="start from this checkpoint's weights (+EMA), fresh optimizer, step 0")
     a("--resume", default=None, help="continue a run from its checkpoint (weights, EMA, optimizer, step, RNG)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default cuda if available")
@@ -102,8 +108,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset flags from the dataset's defaults (then --tiny's); explicit flags always win."""
-    family = "shapes" if args.dataset == "shapes" else "cifar10"  # folder:PATH trains with the cifar10 recipe
-    defaults = dict(DATASET_DEFAULTS[family], **(TINY if args.tiny else {}))
+    # folder:PATH trains with the cifar10 recipe
+    family = "points" if args.dataset in data.POINT_SETS else "shapes" if args.dataset == "shapes" else "cifar10"
+    tiny = dict(TINY, preset="mlp2d") if family == "points" else TINY  # points keep their MLP under --tiny
+    defaults = dict(DATASET_DEFAULTS[family], **(tiny if args.tiny else {}))
     defaults.setdefault("num_shapes", 10000)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -116,6 +124,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.adv_steps < 0:
         raise UserError(f"--adv-steps must be >= 0, got {args.adv_steps}")
+    if args.input_perturbation < 0 or (args.input_perturbation > 0 and args.loss != "ddpm"):
+        raise UserError("--input-perturbation must be >= 0 and belongs to --loss ddpm (DDPM-IP is an eps-loss recipe)")
+    if (family == "points") != (unet.PRESETS[args.preset].get("arch") == "mlp"):
+        raise UserError(f"--preset {args.preset} does not fit --dataset {args.dataset} (2-D points need mlp2d)")
     if args.precision is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
     if args.loss == "edm" and (args.learn_sigma or args.t_sampler != "uniform"):
@@ -210,10 +222,19 @@ def edm_loss(net, x, sigma, y, delta, target: str = "delta_detach", sigma_data: 
 
 
 def ddpm_batch(net, x0, alpha_bar, args, generator, t_state):
-    """Draw t and eps once for the batch (SPEC §3.4 step 1); return (loss closure over delta, x_t, scale 1)."""
+    """Draw t and eps once for the batch (SPEC §3.4 step 1); return (loss closure over delta, x_t, scale 1).
+
+    With args.input_perturbation = gamma > 0 this is DDPM-IP (Ning et al. 2023, Alg. 1): x_t is built from the
+    noise eps + gamma*xi but the regression target stays eps.
+    """
     t, weight = sample_t(t_state, x0.shape[0], alpha_bar.shape[0], generator, x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
-    x_t = sampler.q_sample(x0, t, eps, alpha_bar)
+    if args.input_perturbation > 0:
+        # DDPM-IP, Alg. 1 line 5: y = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) (eps + gamma xi), xi ~ N(0, I)
+        xi = torch.randn(x0.shape, generator=generator, device=x0.device)
+        x_t = sampler.q_sample(x0, t, eps + args.input_perturbation * xi, alpha_bar)
+    else:
+        x_t = sampler.q_sample(x0, t, eps, alpha_bar)
     first = []
 
     def loss_of_delta(delta):
@@ -294,7 +315,8 @@ def free_at_step(net, ema, opt, loss_of_delta, x_noisy, args, d: int, scale=1.0)
     """
     if args.adv_norm == "l2":
         # SPEC §3.3: radius eta*sqrt(d); step alpha (abs) or alpha*sqrt(d)
-        radius = attacks.l2_radius(args.adv_budget, d) * scale
+        # eta <= 0 means "no projection" (attacks.l2_step); keep it a plain 0 even when scale is a tensor
+        radius = attacks.l2_radius(args.adv_budget, d) * scale if args.adv_budget > 0 else 0.0
         step_size = attacks.step_length(args.adv_step_size, d, args.adv_step_scale) * scale
     else:
         radius, step_size = args.adv_budget * scale, args.adv_step_size * scale
@@ -342,7 +364,10 @@ def save_grid(ema, alpha_bar, args, path: str, shape) -> None:
         x = sampler.edm_sample(sampler.edm_denoiser(ema), sigmas[0] * z, sigmas, heun=False).clamp(-1, 1)
     else:
         x = sampler.ddim_sample(sampler.vp_denoiser(ema, alpha_bar), z, alpha_bar, sampler.respace(str(args.grid_steps)))
-    data.save_image_grid(x.cpu(), path)
+    if x.dim() == 2:  # 2-D points: one scatter image of all samples
+        data.save_scatter(x, path)
+    else:
+        data.save_image_grid(x.cpu(), path)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -367,12 +392,12 @@ def main(args: argparse.Namespace) -> None:
     source = resumed or init
     if source:  # the network, loss and schedule of a resumed / initialising run come from its checkpoint
         args.loss = source["loss"]
-    net_config = source["net"] if source else dict(unet.PRESETS[args.preset], in_channels=3, image_size=images.shape[-1],
-                                                   out_channels=6 if args.learn_sigma else 3)
+    net_config = source["net"] if source else unet.preset_config(args.preset, args.learn_sigma, None, images.shape[1],
+                                                                 images.shape[-1])  # points: in_channels = d
     if args.dropout is not None:
         net_config["dropout"] = args.dropout
     schedule = source["schedule"] if source else args.schedule
-    net = unet.UNet(**net_config).to(args.device)
+    net = unet.build_from_config(net_config).to(args.device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     train_net, opt, autocast = fast_path(net, args)
     if args.compile:
@@ -395,7 +420,7 @@ def main(args: argparse.Namespace) -> None:
             t_state = {k: v.to(args.device) for k, v in resumed["t_state"].items()}
         torch.set_rng_state(resumed["rng_cpu"])
         generator.set_state(resumed["rng_gen"])
-    print(f"UNet {unet.count_parameters(net) / 1e6:.2f}M parameters; data {tuple(images.shape)}; "
+    print(f"{type(net).__name__} {unet.count_parameters(net) / 1e6:.2f}M parameters; data {tuple(images.shape)}; "
           f"{'AT K=' + str(args.adv_steps) if args.adv_steps else 'standard training'}; from step {step}")
 
     def checkpoint(path=ckpt_path):

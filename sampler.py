@@ -5,7 +5,7 @@ Paper: Wang et al. 2025, arXiv:2502.17099v1; the few-step samplers of its evalua
 Borrowed: DDPM (Ho et al. 2020) Eq. 4 (q(x_t|x_0)), Eq. 6-7 (posterior), Alg. 2 (ancestral sampling);
           IDDPM (Nichol & Dhariwal 2021) Eq. 17 (cosine schedule) and Sec. 4 (respacing);
           DDIM (Song et al. 2021) Eq. 12; EDM (Karras et al. 2022) Sec. 2 / App. C.3 (VP <-> sigma mapping).
-Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, eval scripts.
+Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, toy_experiment.py, robustness.py.
 Run: python sampler.py            (samples a tiny untrained net; full checks in tests/test_sampler.py)
 
 One small core: every trained network is exposed as a denoiser D(x_e; sigma) -> estimate of x_0 in EDM space,
@@ -123,7 +123,9 @@ def vp_denoiser(net, alpha_bar: torch.Tensor, return_v: bool = False):
 
     def denoise(x_e: torch.Tensor, sigma: torch.Tensor):
         table = log_sigma_table.to(x_e.device)
-        t = (table[None, :] - sigma.double().log()[:, None]).abs().argmin(dim=1)  # (B,) nearest step
+        # nearest step per distinct sigma (a sampler step shares one sigma: 1 row, not B rows of the T-wide table)
+        log_sigma, inverse = sigma.double().log().unique(return_inverse=True)
+        t = (table[None, :] - log_sigma[:, None]).abs().argmin(dim=1)[inverse]  # (B,) nearest step
         s = expand(sigma, x_e)
         # SPEC §2.2: x_t = x_e / sqrt(1 + sigma^2) = sqrt(alpha_bar) x_e
         out = net(x_e / (1 + s**2).sqrt(), t.to(x_e.dtype))
@@ -372,7 +374,7 @@ def load_model(path: str, device: str = "cpu", weights: str = "ema"):
         raise SamplerError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
     if not isinstance(ckpt, dict) or ckpt.get("format") != "adv-diffusion/1" or ckpt.get("kind") not in ("dpm", "cm"):
         raise SamplerError(f"{path} is not a dpm_at.py or cm_at.py checkpoint")
-    net = unet.UNet(**ckpt["net"])
+    net = unet.build_from_config(ckpt["net"])  # the ADM UNet, or the MLP of the 2-D toy data
     net.load_state_dict(ckpt[weights] if weights in ckpt else ckpt["model"])
     return ckpt, net.to(device).eval().requires_grad_(False)
 
@@ -425,7 +427,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--steps", type=int, default=18, help="respaced steps (ddpm/es/ddim), Karras grid points (euler/heun: "
                                             "Heun costs 2N-1 NFE), or consistency steps; default 18")
     a("--num", type=int, default=64, help="number of images; default 64 (50000 for FID, SPEC §6)")
-    a("--out", default="samples.npz", help="output .npz (key arr_0, uint8 N x H x W x 3); a PNG grid goes beside it")
+    a("--out", default="samples.npz", help="output .npz (key arr_0, uint8 N x H x W x 3; float32 N x d for 2-D "
+                                           "points); a PNG grid (points: a scatter image) goes beside it")
     a("--batch-size", type=int, default=256, help="images per batch; default 256 (SPEC §6)")
     a("--seed", type=int, default=0, help="seed of the initial noise and of every later noise; default 0")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -453,16 +456,24 @@ def main(args: argparse.Namespace) -> None:
         raise SamplerError(f"output folder {out_dir} does not exist")
     ckpt, net = load_model(args.ckpt, args.device, args.weights)
     check_fits(ckpt, args.sampler, args.variance)
-    shape = (ckpt["net"]["in_channels"], ckpt["net"]["image_size"], ckpt["net"]["image_size"])
-    print(f"{args.sampler}, {args.steps} steps = {nfe(args.sampler, args.steps)} NFE, {args.num} images")
+    vector = ckpt["net"].get("arch") == "mlp"  # 2-D points (B, d) rather than images (B, C, S, S)
+    shape = (ckpt["net"]["in_channels"],) if vector else \
+        (ckpt["net"]["in_channels"], ckpt["net"]["image_size"], ckpt["net"]["image_size"])
+    print(f"{args.sampler}, {args.steps} steps = {nfe(args.sampler, args.steps)} NFE, {args.num} samples")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     batches = []
     for start in tqdm(range(0, args.num, args.batch_size), desc="sampling"):
         z = torch.randn((min(args.batch_size, args.num - start), *shape), generator=generator, device=args.device)
         x = generate(ckpt, net, args.sampler, args.steps, z, generator, args)
-        batches.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
-    images = torch.cat(batches)  # (N, C, H, W) uint8
+        batches.append(x.float().cpu() if vector else ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
+    images = torch.cat(batches)  # (N, C, H, W) uint8, or (N, d) float32 points
     tmp = args.out + ".tmp.npz"
+    if vector:  # points keep their float coordinates; the picture is a scatter image of all of them
+        np.savez(tmp, arr_0=images.numpy())
+        os.replace(tmp, args.out)
+        data.save_scatter(images, os.path.splitext(args.out)[0] + ".png")
+        print(f"wrote {args.out} ({tuple(images.shape)}) and {os.path.splitext(args.out)[0]}.png")
+        return
     np.savez(tmp, arr_0=images.permute(0, 2, 3, 1).numpy())  # the NHWC layout FID tools read
     os.replace(tmp, args.out)
     grid = os.path.splitext(args.out)[0] + ".png"

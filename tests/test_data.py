@@ -2,6 +2,7 @@
 in the official format, never from the network), the shapes set, random batches, image folders, grids, CLI."""
 
 import hashlib
+import math
 import io
 import os
 import pickle
@@ -258,3 +259,39 @@ def test_cli_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):
     stderr = capsys.readouterr().err
     assert info.value.code == 1 and stderr.startswith("error: ") and stderr.count("\n") == 1
     assert "Traceback" not in stderr and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("name", data.POINT_SETS)
+def test_point_sets_deterministic_inside_the_clip_range(name):
+    """The 2-D point sets are float32 (N, 2), a function of the seed, and lie in [-1, 1]^2 (the samplers' clip)."""
+    a, b, c = data.make_points(name, 20000, 1), data.make_points(name, 20000, 1), data.make_points(name, 20000, 2)
+    assert a.shape == (20000, 2) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c) and np.abs(a).max() < 1
+    tensor = data.load_dataset(name, num_points=50, seed=3)
+    assert tensor.dtype == torch.float32 and torch.equal(tensor, torch.from_numpy(data.make_points(name, 50, 3)))
+
+
+def test_point_sets_follow_their_stated_densities():
+    """ring: 8 equal modes at radius 0.7 with std 0.05; checkerboard: uniform on the 8 cells with row + col even."""
+    ring = data.make_points("ring", 80000, 0).astype(np.float64)
+    mode = np.round(np.arctan2(ring[:, 1], ring[:, 0]) / (2 * math.pi / 8)) % 8
+    assert np.bincount(mode.astype(int), minlength=8) / len(ring) == pytest.approx([1 / 8] * 8, abs=0.01)
+    centre = 0.7 * np.stack([np.cos(2 * math.pi * mode / 8), np.sin(2 * math.pi * mode / 8)], 1)
+    assert (ring - centre).std(0) == pytest.approx([0.05, 0.05], rel=0.02)
+    board = data.make_points("checkerboard", 80000, 0).astype(np.float64) / 0.45 + 2  # cells of side 1 in [0, 4]^2
+    col, row = np.floor(board[:, 0]), np.floor(board[:, 1])
+    assert ((col + row) % 2 == 0).all() and board.min() >= 0 and board.max() <= 4
+    cells = np.bincount((4 * row + col).astype(int), minlength=16)
+    assert cells[cells > 0] / len(board) == pytest.approx([1 / 8] * 8, abs=0.01)
+
+
+def test_random_batch_of_points_is_rows_without_flips(tmp_path):
+    """random_batch on a float (N, d) tensor returns rows as they are; save_scatter writes a grey-scale PNG."""
+    points = torch.arange(20, dtype=torch.float32).view(10, 2) / 20
+    batch = data.random_batch(points, 64, torch.Generator().manual_seed(0))
+    assert batch.shape == (64, 2) and batch.dtype == torch.float32
+    assert all(any(torch.equal(row, p) for p in points) for row in batch)
+    data.save_scatter(points, str(tmp_path / "s.png"), size=32)
+    with Image.open(tmp_path / "s.png") as image:
+        assert image.size == (32, 32) and image.mode == "L" and np.asarray(image).min() == 0

@@ -34,7 +34,8 @@ class ScalarModel(torch.nn.Module):
 
 def at_args(**kw):
     base = dict(adv_steps=3, adv_step_size=0.1, adv_budget=0.1, adv_norm="l2", adv_step_scale="abs",
-                adv_target="delta_detach", ema_decay=0.9999, loss="ddpm", adv_space="vp")
+                adv_target="delta_detach", ema_decay=0.9999, loss="ddpm", adv_space="vp",
+                input_perturbation=0.0)
     return SimpleNamespace(**{**base, **kw})
 
 
@@ -373,3 +374,48 @@ def test_edm_at_step_in_mapped_ball():
     assert (norms <= radius * (1 + 1e-5)).all() and torch.allclose(norms, radius, rtol=1e-4)
     assert torch.isfinite(clean) and torch.isfinite(adv)
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_input_perturbation_builds_x_t_from_perturbed_noise():
+    """DDPM-IP (Ning et al. 2023, Alg. 1): x_t = sqrt(ab) x0 + sqrt(1 - ab)(eps + gamma xi), the target stays eps."""
+    alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta("cosine"))
+    x0 = torch.randn(6, 2, generator=torch.Generator().manual_seed(5))
+    seen = []
+
+    def net(x, t):  # predicts eps = 0, so the loss is mean(target^2)
+        seen.append(x)
+        return torch.zeros_like(x)
+
+    loss_of_delta, x_t, _ = dpm_at.ddpm_batch(net, x0, alpha_bar, at_args(input_perturbation=0.1),
+                                              torch.Generator().manual_seed(0), None)
+    g = torch.Generator().manual_seed(0)  # the same draws in the same order: t, eps, xi
+    t = torch.randint(0, 1000, (6,), generator=g)
+    eps, xi = torch.randn(6, 2, generator=g), torch.randn(6, 2, generator=g)
+    ab = alpha_bar[t].float()[:, None]
+    assert torch.allclose(x_t, ab.sqrt() * x0 + (1 - ab).sqrt() * (eps + 0.1 * xi), atol=1e-6)
+    assert torch.allclose(loss_of_delta(torch.zeros_like(x_t)), eps.pow(2).mean(1), atol=1e-6)
+    assert torch.equal(seen[0], x_t)
+
+
+def test_ring_run_records_ip_and_samples_as_points(tmp_path):
+    """dpm_at.py trains the MLP on a 2-D point set (checkpoint arch "mlp", gamma in args, a scatter PNG), and
+    sampler.py rebuilds it and writes float (N, 2) points; bad combinations are one-line UserErrors."""
+    args = dpm_at.parse_args(["--dataset", "ring", "--tiny", "--steps", "2", "--adv-steps", "0", "--batch-size", "8",
+                              "--input-perturbation", "0.1", "--num-grid", "16", "--grid-steps", "2", "--out",
+                              str(tmp_path / "run"), "--device", "cpu"])
+    dpm_at.main(args)
+    ckpt = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ckpt["net"]["arch"] == "mlp" and ckpt["net"]["in_channels"] == 2
+    assert ckpt["args"]["input_perturbation"] == 0.1
+    assert (tmp_path / "run" / "grid_0000002.png").exists()
+    sampler.main(sampler.parse_args(["--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--sampler", "heun", "--steps", "3",
+                                     "--num", "5", "--out", str(tmp_path / "s.npz"), "--device", "cpu"]))
+    import numpy as np
+
+    points = np.load(tmp_path / "s.npz")["arr_0"]
+    assert points.shape == (5, 2) and points.dtype == np.float32 and (tmp_path / "s.png").exists()
+    for argv, expect in [(["--dataset", "ring", "--preset", "tiny"], "does not fit"),
+                         (["--dataset", "shapes", "--preset", "mlp2d"], "does not fit"),
+                         (["--loss", "edm", "--input-perturbation", "0.1"], "input-perturbation")]:
+        with pytest.raises(dpm_at.UserError, match=expect):
+            dpm_at.resolve_args(dpm_at.parse_args(argv))

@@ -20,7 +20,7 @@ def setup(seed=0):
 
 
 def loss_and_grads(net, x0, memory_format, autocast_dtype=None):
-    args = SimpleNamespace(adv_steps=0, loss="ddpm", adv_target="delta_detach")
+    args = SimpleNamespace(adv_steps=0, loss="ddpm", adv_target="delta_detach", input_perturbation=0.0)
     alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta("cosine"))
     net = copy.deepcopy(net).to(memory_format=memory_format)
     x0 = x0.contiguous(memory_format=memory_format)

@@ -191,3 +191,35 @@ def test_gradients_reach_all_parameters():
     dead = [name for name, p in net.named_parameters() if p.grad is None or not math.isfinite(p.grad.norm())
             or p.grad.abs().max() == 0]
     assert not dead, dead
+
+
+def test_mlp_denoiser_shapes_zero_output_and_label_forms():
+    """MLPDenoiser maps (B, d) and a label to (B, out_channels); ADM's zero-initialised output gives 0 at init, and a
+    shared scalar label equals the same label given per sample."""
+    torch.manual_seed(0)
+    net = build_unet("mlp2d", in_channels=2)
+    x = torch.randn(5, 2)
+    assert torch.equal(net(x, torch.full((5,), 7.0)), torch.zeros(5, 2))
+    net = perturbed(net)
+    out = net(x, torch.tensor([0.0, 10.0, 10.0, 500.0, 999.0]))
+    assert out.shape == (5, 2) and torch.isfinite(out).all()
+    assert torch.allclose(net(x, 7.0), net(x, torch.full((5,), 7.0)), atol=1e-6)
+    # the per-label embedding is reused across samples with the same label: each row depends on its own input only
+    assert torch.allclose(net(x[3:4], torch.tensor([500.0])), out[3:4], atol=1e-6)
+
+
+def test_build_from_config_rebuilds_either_network():
+    """build_from_config reads a checkpoint's `net` dict: no arch key (old checkpoints) is the UNet, "mlp" the MLP;
+    the state dict of a rebuilt network loads into the original."""
+    from unet import MLPDenoiser, UNet, build_from_config, preset_config
+
+    cfg = preset_config("tiny", learn_sigma=True)
+    assert "arch" not in cfg and cfg["out_channels"] == 6 and cfg["image_size"] == 32
+    assert isinstance(build_from_config(cfg), UNet)
+    cfg = preset_config("mlp2d", learn_sigma=True, in_channels=2)
+    assert cfg["arch"] == "mlp" and cfg["out_channels"] == 4 and "image_size" not in cfg
+    a, b = build_from_config(cfg), build_from_config(dict(cfg))
+    assert isinstance(a, MLPDenoiser)
+    b.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="arch"):
+        build_from_config(dict(cfg, arch="transformer"))
