@@ -14,6 +14,7 @@ Uses: unet.py, data.py, sampler.py, attacks.py.     Used by: nothing (its checkp
     python cm_at.py --teacher runs/shapes_edm/ckpt.pt --dataset shapes --tiny                # under a minute on CPU
     python cm_at.py --teacher runs/shapes_edm/ckpt.pt --dataset shapes --adv-steps 0         # plain CD on shapes
     python cm_at.py --teacher runs/c10_edm/ckpt.pt --dataset cifar10 --out runs/c10_cd_at    # CIFAR-10 (SPEC §4.2)
+    torchrun --nproc_per_node=4 cm_at.py --teacher runs/c10_edm/ckpt.pt --dataset cifar10 --out runs/c10_cd_at
 
 Symbols: x_0 -> x0 (the paper's y in EDM form), z -> z, grid t_0 > ... > t_{N-1} -> sigmas, t_i -> sigma_hi,
          t_{i+1} -> sigma_lo, student f_theta -> f, target f_theta- -> f_target, teacher D_phi -> denoise,
@@ -32,6 +33,8 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import attacks
@@ -68,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--data-dir", default="./data", help="where cifar-10-python.tar.gz lives or is downloaded; default ./data")
     a("--out", default=None, help="run directory; default runs/<dataset>_cd_<at|std>")
     a("--steps", type=int, default=None, help="data batches to train on (the step counter); cifar10: 800000")
-    a("--batch-size", type=int, default=None, help="images per batch; cifar10: 512 (SPEC §4.2)")
+    a("--batch-size", type=int, default=None, help="images per batch, over all torchrun processes; cifar10: 512 "
+                                                   "(SPEC §4.2)")
     a("--lr", type=float, default=None, help="RAdam learning rate, constant; cifar10: 4e-4 (SPEC §4.2)")
     a("--ema-decay", type=float, default=None, help="eval-EMA decay per optimizer step; cifar10: 0.9999 (SPEC §4.2)")
     a("--target-decay", type=float, default=0.0, help="mu: target net theta- <- mu theta- + (1 - mu) theta per "
@@ -205,13 +209,55 @@ def free_at_step(student, target, ema, opt, x_hi, x_lo, sigma_hi, sigma_lo, args
                            x_hi, opt, args.adv_steps, "l2", step_size, radius, after_update)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): DistributedDataParallel, with the global batch's randomness drawn on every rank
+
+
+# same as in dpm_at.py: keep in sync
+def setup_distributed(args) -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1): the process group from the environment (NCCL on GPU, gloo on CPU) and this
+    rank's device. Returns (rank, world size); (0, 1) and no process group in a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    # checked before any collective, on every rank, so that every rank exits with the message and none waits
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch and must be divisible by the "
+                        f"{world} processes")
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+# same as in dpm_at.py: keep in sync
+def global_rows(b: int) -> tuple[int, slice]:
+    """(global batch size, this rank's rows of it) for a local batch of b; (b, all rows) in a single process."""
+    if not dist.is_initialized():
+        return b, slice(None)
+    rank = dist.get_rank()
+    return b * dist.get_world_size(), slice(rank * b, (rank + 1) * b)
+
+
+# same as in dpm_at.py: keep in sync
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when flag is true on any rank (a Ctrl-C seen by one process stops all of them)."""
+    if not dist.is_initialized():
+        return flag
+    flag = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def train_step(student, target, ema, opt, denoise, x0, sigmas, args, generator, sigma_data: float = 0.5):
     """One data batch of CD + free AT in the paper's order: sample sigma, build x_hi, teacher step, inner max and
     outer steps. Draws i, then z, from generator. Returns (clean loss, last-pass loss, last delta)."""
     # SPEC §4.2: i ~ U{0..N-2}, sigma_hi = t_i, sigma_lo = t_{i+1}; fixed for all K inner passes (SPEC §3.4 step 1)
-    i = torch.randint(0, len(sigmas) - 1, (x0.shape[0],), generator=generator, device=x0.device)
+    B, rows = global_rows(x0.shape[0])  # draw for the global batch, keep this rank's rows (dpm_at.py explains)
+    i = torch.randint(0, len(sigmas) - 1, (B,), generator=generator, device=x0.device)[rows]
     sigma_hi, sigma_lo = sigmas[i], sigmas[i + 1]  # (B,) float64
-    z = torch.randn(x0.shape, generator=generator, device=x0.device)
+    z = torch.randn((B, *x0.shape[1:]), generator=generator, device=x0.device)[rows]
     x_hi = x0 + sampler.expand(sigma_hi, x0) * z
     # The teacher step runs once, on the clean x_hi: under AT the target stays the clean one (SPEC §4.4)
     x_lo = teacher_step(denoise, x_hi, sigma_hi, sigma_lo, heun=args.solver == "heun")
@@ -251,7 +297,7 @@ def load_teacher(ckpt: dict, device: str):
     if loss not in ("edm", "ddpm"):
         raise UserError(f"the teacher's loss is {loss!r}; cm_at.py distils 'edm' or 'ddpm' diffusion models")
     try:
-        net = unet.UNet(**ckpt["net"])
+        net = unet.build_from_config(ckpt["net"])
         net.load_state_dict(ckpt["ema"])
         net = net.to(device).eval().requires_grad_(False)
         if loss == "edm":
@@ -291,9 +337,12 @@ def save_grids(ema, sigmas, args, step: int, shape, sigma_data: float) -> None:
 
 def main(args: argparse.Namespace) -> None:
     args = resolve_args(args)
-    print(json.dumps(vars(args), indent=1))
     if args.dry_run:
+        print(json.dumps(vars(args), indent=1))
         return
+    rank, world = setup_distributed(args)
+    say = print if rank == 0 else lambda *a, **k: None  # rank 0 alone prints and writes files
+    say(json.dumps(vars(args), indent=1))
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume is None and os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume {ckpt_path} to continue it, or choose another --out")
@@ -302,9 +351,10 @@ def main(args: argparse.Namespace) -> None:
     teacher = load_checkpoint(args.teacher, "dpm")
     denoise = load_teacher(teacher, args.device)
     sigma_data = teacher.get("sigma_data", 0.5)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
 
     torch.manual_seed(args.seed)  # dropout masks
     generator = torch.Generator(device=args.device).manual_seed(args.seed)  # data, sigma indices, z
@@ -312,13 +362,16 @@ def main(args: argparse.Namespace) -> None:
                                image_size=teacher["net"]["image_size"]).to(args.device)
 
     net_config, state = (resumed["net"], resumed["model"]) if resumed else student_from_teacher(teacher, args.dropout)
-    student = unet.UNet(**net_config).to(args.device)
+    student = unet.build_from_config(net_config).to(args.device)
     student.load_state_dict(state)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     # SPEC §4.2: the target net starts as the student; it runs in train mode, as the online pass (same dropout)
     target = copy.deepcopy(student).requires_grad_(False)
     # SPEC §4.2 (CIFAR-10): RAdam, constant lr
     opt = torch.optim.RAdam(student.parameters(), lr=args.lr)
+    # averages the weight gradients over ranks; delta.grad stays local (per sample)
+    train_student = student if world == 1 else DistributedDataParallel(
+        student, device_ids=[torch.device(args.device)] if args.device.startswith("cuda") else None)
     num_scales = resumed["num_scales"] if resumed else args.num_scales
     sigmas = sampler.karras_sigmas(num_scales, SIGMA_MIN, SIGMA_MAX)[:-1].to(args.device)  # drop t_N = 0
     step = 0
@@ -331,38 +384,50 @@ def main(args: argparse.Namespace) -> None:
         step = resumed["step"]
         torch.set_rng_state(resumed["rng_cpu"])
         generator.set_state(resumed["rng_gen"])
-    print(f"student UNet {unet.count_parameters(student) / 1e6:.2f}M parameters; teacher {args.teacher} "
-          f"({teacher['loss']}); data {tuple(images.shape)}; N = {num_scales}; "
-          f"{'AT K=' + str(args.adv_steps) if args.adv_steps else 'plain CD'}; from step {step}")
+    say(f"student UNet {unet.count_parameters(student) / 1e6:.2f}M parameters; teacher {args.teacher} "
+        f"({teacher['loss']}); data {tuple(images.shape)}; N = {num_scales}; "
+        f"{'AT K=' + str(args.adv_steps) if args.adv_steps else 'plain CD'}; from step {step}"
+        + (f"; {world} processes x {args.batch_size // world} images" if world > 1 else ""))
 
     def checkpoint(path=ckpt_path):
+        if rank > 0:  # every rank holds the same state; rank 0 writes it while the others wait
+            return dist.barrier()
         save_checkpoint(path, dict(format="adv-diffusion/1", kind="cm", loss="cd", net=net_config,
                                    model=student.state_dict(), ema=ema.state_dict(), target=target.state_dict(),
                                    opt=opt.state_dict(), step=step, args=vars(args), num_scales=num_scales,
                                    sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=sigma_data,
                                    teacher=str(args.teacher), rng_cpu=torch.get_rng_state(),
                                    rng_gen=generator.get_state()))
+        if world > 1:
+            dist.barrier()
 
-    if step == 0:  # the student before distillation: the teacher's F under the consistency scalings
+    if step == 0 and rank == 0:  # the student before distillation: the teacher's F under the consistency scalings
         save_grids(ema, sigmas, args, 0, images.shape[1:], sigma_data)
     # Ctrl-C: finish the current batch, save, exit. A second Ctrl-C stops at once.
     stop = []
     previous_handler = signal.signal(signal.SIGINT,
                                      lambda *a: signal.default_int_handler(*a) if stop else stop.append(1))
     sums, t_last, step_last = torch.zeros(3, device=args.device), time.time(), step
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, dynamic_ncols=True)
-    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a")
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, dynamic_ncols=True, disable=rank > 0)
+    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
+    rows = global_rows(args.batch_size // world)[1]
     try:
         for step in bar:
-            x0 = data.random_batch(images, args.batch_size, generator)
+            x0 = data.random_batch(images, args.batch_size, generator)[rows]
             student.train()
             target.train()
-            clean, last, delta = train_step(student, target, ema, opt, denoise, x0, sigmas, args, generator,
+            clean, last, delta = train_step(train_student, target, ema, opt, denoise, x0, sigmas, args, generator,
                                             sigma_data)
             sums += torch.stack([clean, last, attacks.per_sample_norm(delta).mean()])
             step += 1  # counts finished batches (SPEC §3.4: K optimizer steps per batch, one step count)
             log, save, grid = (step % n == 0 or step == args.steps
                                for n in (args.log_every, args.save_every, args.grid_every))
+            # a Ctrl-C that reached one process stops all of them after this same step
+            if world > 1 and any_rank(bool(stop), args.device) and not stop:
+                stop.append(1)
+            if (log or save or grid or stop) and world > 1:  # the global batch's mean, so all ranks agree below
+                dist.all_reduce(sums)
+                sums /= world
             if (log or save or grid or stop) and not torch.isfinite(sums).all():  # one host sync per interval
                 raise UserError(f"loss is not finite by step {step}; stopped. Last good checkpoint: {ckpt_path}")
             if log:
@@ -370,23 +435,25 @@ def main(args: argparse.Namespace) -> None:
                 loss, adv_loss, delta_norm = (sums / n).tolist()
                 rec = dict(step=step, loss=loss, adv_loss=adv_loss, delta_norm=delta_norm, lr=args.lr,
                            img_per_s=n * args.batch_size / dt, sec_per_step=dt / n)
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
+                if rank == 0:
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
                 bar.set_postfix(loss=f"{loss:.3g}", adv=f"{adv_loss:.3g}", delta=f"{delta_norm:.3f}")
                 sums.zero_()
                 t_last, step_last = time.time(), step
-            if grid:
+            if grid and rank == 0:
                 save_grids(ema, sigmas, args, step, images.shape[1:], sigma_data)
             if save or stop:
                 checkpoint()
             if stop:
-                print(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume {ckpt_path}")
+                say(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume {ckpt_path}")
                 sys.exit(130)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         bar.close()
-    print(f"done: {ckpt_path} (step {step})")
+    say(f"done: {ckpt_path} (step {step})")
 
 
 if __name__ == "__main__":
@@ -395,3 +462,6 @@ if __name__ == "__main__":
     except (UserError, data.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -13,6 +13,8 @@ Uses: unet.py, data.py, sampler.py, attacks.py.     Used by: nothing (writes che
     python dpm_at.py --dataset ring --steps 3000           # 2-D toy (MLP), a scatter of samples every 1000 steps
     python dpm_at.py --dataset cifar10 --adv-steps 0 --steps 250000 --out runs/c10_clean   # clean pre-training
     python dpm_at.py --dataset cifar10 --init-from runs/c10_clean/ckpt.pt --out runs/c10_at # AT fine-tuning (paper)
+    torchrun --nproc_per_node=4 dpm_at.py --dataset cifar10 --init-from runs/c10_clean/ckpt.pt --out runs/c10_at
+                                                           # the same on 4 GPUs, 32 images each (the paper's run)
 
 Symbols: x_0 -> x0, eps -> eps, alpha_bar_t -> alpha_bar, perturbation delta -> delta, K -> adv_steps,
          ascent step alpha -> adv_step_size, budget eta (RMS per coordinate, radius eta*sqrt(d)) -> adv_budget.
@@ -27,6 +29,8 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import attacks
@@ -61,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--data-dir", default="./data", help="where cifar-10-python.tar.gz lives or is downloaded; default ./data")
     a("--out", default=None, help="run directory; default runs/<dataset>_<at|std>")
     a("--steps", type=int, default=None, help="data batches to train on (the step counter); cifar10: 200000")
-    a("--batch-size", type=int, default=None, help="images per batch; cifar10: 128 (SPEC §1.7)")
+    a("--batch-size", type=int, default=None, help="images per batch, over all torchrun processes; cifar10: 128 "
+                                                   "(SPEC §1.7: 4 GPUs x 32)")
     a("--lr", type=float, default=None, help="AdamW learning rate, constant; cifar10: 1e-4 (SPEC §1.7)")
     a("--ema-decay", type=float, default=None, help="EMA decay per optimizer step; cifar10: 0.9999 (SPEC §1.7)")
     a("--preset", default=None, choices=list(unet.PRESETS), help="network size (unet.PRESETS); cifar10: cifar10")
@@ -227,11 +232,12 @@ def ddpm_batch(net, x0, alpha_bar, args, generator, t_state):
     With args.input_perturbation = gamma > 0 this is DDPM-IP (Ning et al. 2023, Alg. 1): x_t is built from the
     noise eps + gamma*xi but the regression target stays eps.
     """
-    t, weight = sample_t(t_state, x0.shape[0], alpha_bar.shape[0], generator, x0.device)
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+    B, rows = global_rows(x0.shape[0])  # draw for the global batch, keep this rank's rows
+    t, weight = sample_t(t_state, B, alpha_bar.shape[0], generator, x0.device, rows)
+    eps = torch.randn((B, *x0.shape[1:]), generator=generator, device=x0.device)[rows]
     if args.input_perturbation > 0:
         # DDPM-IP, Alg. 1 line 5: y = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) (eps + gamma xi), xi ~ N(0, I)
-        xi = torch.randn(x0.shape, generator=generator, device=x0.device)
+        xi = torch.randn((B, *x0.shape[1:]), generator=generator, device=x0.device)[rows]
         x_t = sampler.q_sample(x0, t, eps + args.input_perturbation * xi, alpha_bar)
     else:
         x_t = sampler.q_sample(x0, t, eps, alpha_bar)
@@ -240,7 +246,7 @@ def ddpm_batch(net, x0, alpha_bar, args, generator, t_state):
     def loss_of_delta(delta):
         loss = ddpm_loss(net, x_t, t, eps, delta, alpha_bar, args.adv_target, x0)
         if t_state is not None and not first:  # IDDPM: the t-sampler learns from the clean pass's losses
-            first.append(update_t_history(t_state, t, loss.detach()))
+            first.append(update_t_history(t_state, gather_rows(t), gather_rows(loss.detach())))
         return weight * loss
 
     return loss_of_delta, x_t, 1.0
@@ -249,8 +255,9 @@ def ddpm_batch(net, x0, alpha_bar, args, generator, t_state):
 def edm_batch(net, x0, alpha_bar, args, generator, t_state):
     """Draw sigma and n once (SPEC §3.4 step 1 in EDM form); scale = sqrt(1 + sigma^2) maps the VP budget (§3.6)."""
     # EDM Table 1 (training): ln sigma ~ N(P_mean, P_std^2), P_mean = -1.2, P_std = 1.2
-    sigma = (torch.randn(x0.shape[0], generator=generator, device=x0.device) * 1.2 - 1.2).exp()
-    x = x0 + sampler.expand(sigma, x0) * torch.randn(x0.shape, generator=generator, device=x0.device)
+    B, rows = global_rows(x0.shape[0])  # draw for the global batch, keep this rank's rows
+    sigma = (torch.randn(B, generator=generator, device=x0.device)[rows] * 1.2 - 1.2).exp()
+    x = x0 + sampler.expand(sigma, x0) * torch.randn((B, *x0.shape[1:]), generator=generator, device=x0.device)[rows]
     # SPEC §2.2 / §3.6: a VP perturbation delta_vp is delta_e = sqrt(1 + sigma^2) delta_vp in EDM space
     scale = sampler.expand((1 + sigma**2).sqrt(), x0) if args.adv_space == "vp" else 1.0
     return (lambda delta: edm_loss(net, x, sigma, x0, delta, args.adv_target)), x, scale
@@ -259,15 +266,16 @@ def edm_batch(net, x0, alpha_bar, args, generator, t_state):
 BATCHES = {"ddpm": ddpm_batch, "edm": edm_batch}
 
 
-def sample_t(t_state, batch_size: int, T: int, generator, device):
-    """t ~ uniform, or IDDPM's loss-second-moment importance sampling with weights 1/(T p_t) (SPEC §1.2)."""
+def sample_t(t_state, batch_size: int, T: int, generator, device, rows=slice(None)):
+    """t ~ uniform, or IDDPM's loss-second-moment importance sampling with weights 1/(T p_t) (SPEC §1.2).
+    Draws batch_size values and returns the given rows of them (this rank's share under torchrun)."""
     if t_state is None:
-        return torch.randint(0, T, (batch_size,), generator=generator, device=device), 1.0
+        return torch.randint(0, T, (batch_size,), generator=generator, device=device)[rows], 1.0
     # IDDPM Sec. 3.3: p_t ~ sqrt(E[L_t^2]) over the last 10 losses, mixed with 0.1% uniform; uniform until warm
     p = (t_state["history"] ** 2).mean(1).sqrt()
     p = 0.999 * p / p.sum().clamp_min(1e-30) + 0.001 / T
     p = torch.where((t_state["count"] >= 10).all(), p, torch.full_like(p, 1 / T))
-    t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+    t = torch.multinomial(p, batch_size, replacement=True, generator=generator)[rows]
     return t, 1 / (T * p[t])
 
 
@@ -279,10 +287,64 @@ def update_t_history(t_state, t, losses) -> None:
     t_state["count"].index_add_(0, t, torch.ones_like(t))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): PyTorch's DistributedDataParallel. Every rank draws the randomness of the whole
+# global batch from the same seeded generator and keeps its own rows, so the ranks' samples never repeat each
+# other, a 2-process run equals a 1-process run over the same global batch (up to the all-reduce's summation order),
+# and the generator state in a checkpoint is the same on every rank (resume with any number of processes).
+# Deviation: dropout masks are drawn per rank, so with dropout > 0 they differ from the 1-process run's.
+
+
+# same as in cm_at.py: keep in sync
+def setup_distributed(args) -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1): the process group from the environment (NCCL on GPU, gloo on CPU) and this
+    rank's device. Returns (rank, world size); (0, 1) and no process group in a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    # checked before any collective, on every rank, so that every rank exits with the message and none waits
+    if args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch and must be divisible by the "
+                        f"{world} processes")
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+# same as in cm_at.py: keep in sync
+def global_rows(b: int) -> tuple[int, slice]:
+    """(global batch size, this rank's rows of it) for a local batch of b; (b, all rows) in a single process."""
+    if not dist.is_initialized():
+        return b, slice(None)
+    rank = dist.get_rank()
+    return b * dist.get_world_size(), slice(rank * b, (rank + 1) * b)
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """The global batch's (B, ...) tensor from every rank's rows, in rank order (x itself in a single process)."""
+    if not dist.is_initialized():
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+# same as in cm_at.py: keep in sync
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when flag is true on any rank (a Ctrl-C seen by one process stops all of them)."""
+    if not dist.is_initialized():
+        return flag
+    flag = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 def fast_path(net, args):
     """The one-GPU fast path, off on CPU: TF32 matmuls, channels_last, fused AdamW, optional torch.compile.
 
-    Returns (network to train through, optimizer, autocast context for the K passes).
+    Returns (network to train through: DDP-wrapped under torchrun, optimizer, autocast context for the K passes).
     """
     on_gpu = torch.device(args.device).type == "cuda"
     if on_gpu:
@@ -291,7 +353,10 @@ def fast_path(net, args):
         net.to(memory_format=torch.channels_last)
     # SPEC §1.7: AdamW, weight decay 0, constant lr; the fused kernel updates all tensors in a few launches
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0, fused=on_gpu)
-    train_net = torch.compile(net) if args.compile else net
+    train_net = net
+    if dist.is_initialized():  # averages the weight gradients over ranks; delta.grad stays local (per sample)
+        train_net = DistributedDataParallel(net, device_ids=[torch.device(args.device)] if on_gpu else None)
+    train_net = torch.compile(train_net) if args.compile else train_net
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     return train_net, opt, autocast
 
@@ -372,17 +437,21 @@ def save_grid(ema, alpha_bar, args, path: str, shape) -> None:
 
 def main(args: argparse.Namespace) -> None:
     args = resolve_args(args)
-    print(json.dumps(vars(args), indent=1))
     if args.dry_run:
+        print(json.dumps(vars(args), indent=1))
         return
+    rank, world = setup_distributed(args)
+    say = print if rank == 0 else lambda *a, **k: None  # rank 0 alone prints and writes files
+    say(json.dumps(vars(args), indent=1))
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume is None and os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume {ckpt_path} to continue it, or choose another --out")
     resumed = load_checkpoint(args.resume) if args.resume else None
     init = load_checkpoint(args.init_from) if args.init_from else None
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=1)
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "args.json"), "w") as f:
+            json.dump(vars(args), f, indent=1)
 
     torch.manual_seed(args.seed)  # init weights and dropout masks
     generator = torch.Generator(device=args.device).manual_seed(args.seed)  # data, t, eps
@@ -401,7 +470,7 @@ def main(args: argparse.Namespace) -> None:
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     train_net, opt, autocast = fast_path(net, args)
     if args.compile:
-        print("--compile: the first steps compile the network (a minute or more), later steps are faster")
+        say("--compile: the first steps compile the network (a minute or more), later steps are faster")
     alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta(schedule)).to(args.device)
     # IDDPM's loss-second-moment history: the last 10 losses per t, and how many were seen
     t_state = dict(history=torch.zeros(alpha_bar.shape[0], 10, device=args.device),
@@ -420,31 +489,43 @@ def main(args: argparse.Namespace) -> None:
             t_state = {k: v.to(args.device) for k, v in resumed["t_state"].items()}
         torch.set_rng_state(resumed["rng_cpu"])
         generator.set_state(resumed["rng_gen"])
-    print(f"{type(net).__name__} {unet.count_parameters(net) / 1e6:.2f}M parameters; data {tuple(images.shape)}; "
-          f"{'AT K=' + str(args.adv_steps) if args.adv_steps else 'standard training'}; from step {step}")
+    say(f"{type(net).__name__} {unet.count_parameters(net) / 1e6:.2f}M parameters; data {tuple(images.shape)}; "
+        f"{'AT K=' + str(args.adv_steps) if args.adv_steps else 'standard training'}; from step {step}"
+        + (f"; {world} processes x {args.batch_size // world} images" if world > 1 else ""))
 
     def checkpoint(path=ckpt_path):
+        if rank > 0:  # every rank holds the same state; rank 0 writes it while the others wait
+            return dist.barrier()
         save_checkpoint(path, dict(format="adv-diffusion/1", kind="dpm", loss=args.loss, net=net_config,
                                    schedule=schedule, sigma_data=0.5, t_state=t_state, model=net.state_dict(),
                                    ema=ema.state_dict(),
                                    opt=opt.state_dict(), step=step, args=vars(args), rng_cpu=torch.get_rng_state(),
                                    rng_gen=generator.get_state()))
+        if world > 1:
+            dist.barrier()
 
     # Ctrl-C: finish the current batch, save, exit. A second Ctrl-C stops at once.
     stop = []
     previous_handler = signal.signal(signal.SIGINT, lambda *a: signal.default_int_handler(*a) if stop else stop.append(1))
     sums, t_last, step_last = torch.zeros(3, device=args.device), time.time(), step
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, dynamic_ncols=True)
-    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a")
+    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, dynamic_ncols=True, disable=rank > 0)
+    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
+    rows = global_rows(args.batch_size // world)[1]
     try:
         for step in bar:
-            x0 = to_input_layout(data.random_batch(images, args.batch_size, generator), args)
+            x0 = to_input_layout(data.random_batch(images, args.batch_size, generator)[rows], args)
             net.train()
             with autocast:
                 sums += torch.stack(train_step(train_net, ema, opt, x0, alpha_bar, args, generator, t_state))
             step += 1  # counts finished batches (SPEC §3.4: K optimizer steps per batch, one step count)
             log, save, grid = (step % n == 0 or step == args.steps
                                for n in (args.log_every, args.save_every, args.grid_every))
+            # a Ctrl-C that reached one process stops all of them after this same step
+            if world > 1 and any_rank(bool(stop), args.device) and not stop:
+                stop.append(1)
+            if (log or save or grid or stop) and world > 1:  # the global batch's mean, so all ranks agree below
+                dist.all_reduce(sums)
+                sums /= world
             if (log or save or grid or stop) and not torch.isfinite(sums).all():  # one host sync per interval
                 raise UserError(f"loss is not finite by step {step}; stopped. Last good checkpoint: {ckpt_path}")
             if log:
@@ -452,23 +533,25 @@ def main(args: argparse.Namespace) -> None:
                 loss, adv_loss, delta_norm = (sums / n).tolist()
                 rec = dict(step=step, loss=loss, adv_loss=adv_loss, delta_norm=delta_norm, lr=args.lr,
                            img_per_s=n * args.batch_size / dt, sec_per_step=dt / n)
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
+                if rank == 0:
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
                 bar.set_postfix(loss=f"{loss:.4f}", adv=f"{adv_loss:.4f}", delta=f"{delta_norm:.3f}")
                 sums.zero_()
                 t_last, step_last = time.time(), step
-            if grid:
+            if grid and rank == 0:
                 save_grid(ema, alpha_bar, args, os.path.join(args.out, f"grid_{step:07d}.png"), images.shape[1:])
             if save or stop:
                 checkpoint()
             if stop:
-                print(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume {ckpt_path}")
+                say(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume {ckpt_path}")
                 sys.exit(130)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
         bar.close()
-    print(f"done: {ckpt_path} (step {step})")
+    say(f"done: {ckpt_path} (step {step})")
 
 
 if __name__ == "__main__":
@@ -477,3 +560,6 @@ if __name__ == "__main__":
     except (UserError, data.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
