@@ -2,13 +2,21 @@
 
 Paper: Wang et al. 2025, arXiv:2502.17099v1; the cost of efficient AT (Sec. 4): K passes per data batch, each one
        forward/backward that serves both the weight update and the ascent step on delta.
-Uses: dpm_at.py (train_step, fast_path), unet.py, sampler.py, data.py. Like the tests, this tool imports an entry
-      script; nothing imports it.
+Uses: dpm_at.py (train_step, fast_path), unet.py, sampler.py (fast_sampling, generate), data.py. Like the tests,
+      this tool imports an entry script; nothing imports it.
 Run: python benchmark.py              (CUDA: the cifar10 preset at batch 128 and 512, eager and --compile;
                                        CPU: the tiny preset at batch 8, so that it stays runnable on a laptop)
+     python benchmark.py --profile prof.txt   (also: a torch.profiler table of the batch-128 step's top kernels)
 
-Timings are medians over >= 20 steps after warm-up, each bracketed by CUDA events (or a wall clock on CPU) with a
-device synchronisation; FLOPs come from torch.utils.flop_counter on one forward+backward (no hand count).
+Kinds of line:
+  train   one training step of dpm_at.py as `python dpm_at.py --dataset cifar10` runs it (hybrid loss, learned
+          sigma, loss-second-moment t, on-device uint8 data with flips, optimizer, EMA), plain (K = 0) or AT (K = 3)
+  net     the network's forward + backward alone on an MSE loss, no optimizer: what the rest of the step adds is
+          the difference to the plain train line
+  sample  sampler.py's generate() through sampler.fast_sampling, as `python sampler.py` runs it
+Timings are medians over >= 20 steps (3 sampler runs) after warm-up, each bracketed by a device synchronisation.
+Peak memory is read right after the timed steps (torch.cuda.max_memory_allocated, reset before the warm-up).
+FLOPs come from torch.utils.flop_counter on one forward+backward of 2 images, times batch/2 (no hand count).
 """
 import argparse
 import copy
@@ -24,6 +32,8 @@ import dpm_at
 import sampler
 import unet
 
+IMAGE = (3, 32, 32)  # CIFAR-10's shape; every preset here is built for it
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -32,8 +42,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-sizes", default=None, help="comma list; default 128,512 on CUDA, 8 on CPU")
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration (median); default 20")
     p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
-                   help="also time torch.compile (batch 128 only); default on for CUDA")
+                   help="also time torch.compile (first batch size only); default on for CUDA")
+    p.add_argument("--compile-modes", default="default",
+                   help="comma list of dpm_at.py --compile-mode values to time; default default")
     p.add_argument("--sample-batch", type=int, default=None, help="batch for sampler throughput; 1000 CUDA, 16 CPU")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="write a torch.profiler table (top 40 ops by device time) of the first batch size's plain "
+                        "step, compiled if --compile, to FILE")
     return p.parse_args(argv)
 
 
@@ -56,15 +71,35 @@ def timed(fn, device: str, steps: int, warmup: int) -> list[float]:
     return times
 
 
-def train_args(device: str, batch_size: int, adv_steps: int, compile_: bool) -> argparse.Namespace:
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb(device: str):
+    return round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.startswith("cuda") else None
+
+
+def flops_per_image_pass(net, device: str) -> float:
+    """FLOPs of one forward + backward per image, counted on 2 images (every layer's cost is linear in the batch)."""
+    with FlopCounterMode(display=False) as counter:
+        x = torch.randn(2, *IMAGE, device=device)
+        net(x, torch.zeros(2, device=device)).float().square().mean().backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def train_args(device: str, batch_size: int, adv_steps: int, compile_mode: str | None) -> argparse.Namespace:
     """The cifar10 recipe's training flags (SPEC §1.7, §3.4), as dpm_at.py resolves them."""
     argv = ["--dataset", "cifar10", "--device", device, "--batch-size", str(batch_size), "--adv-steps",
-            str(adv_steps)] + (["--compile"] if compile_ else [])
+            str(adv_steps)] + (["--compile", "--compile-mode", compile_mode] if compile_mode else [])
     return dpm_at.resolve_args(dpm_at.parse_args(argv))
 
 
-def bench_train(preset: str, batch_size: int, adv_steps: int, compile_: bool, device: str, steps: int) -> dict:
-    args = train_args(device, batch_size, adv_steps, compile_)
+def make_train_step(preset: str, batch_size: int, adv_steps: int, compile_mode: str | None, device: str):
+    """(step function, network, resolved args) for one dpm_at.py training step of the cifar10 recipe."""
+    args = train_args(device, batch_size, adv_steps, compile_mode)
     torch.manual_seed(0)
     net = unet.build_unet(preset, learn_sigma=args.learn_sigma).to(device)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
@@ -80,43 +115,83 @@ def bench_train(preset: str, batch_size: int, adv_steps: int, compile_: bool, de
         with autocast:
             dpm_at.train_step(train_net, ema, opt, x0, alpha_bar, args, generator, t_state)
 
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    ms = statistics.median(timed(step, device, steps, warmup=5 if compile_ else 3))
+    return step, net, args
+
+
+def bench_train(preset: str, batch_size: int, adv_steps: int, compile_mode: str | None, device: str,
+                steps: int) -> dict:
+    reset_peak(device)
+    step, net, args = make_train_step(preset, batch_size, adv_steps, compile_mode, device)
+    ms = statistics.median(timed(step, device, steps, warmup=5 if compile_mode else 3))
+    peak = peak_gb(device)  # before anything else allocates
     passes = max(adv_steps, 1)
-    with FlopCounterMode(display=False) as counter:  # one training pass: forward + backward of the network
-        x = torch.randn(batch_size, 3, 32, 32, device=device)
-        net(x, torch.zeros(batch_size, device=device)).float().square().mean().backward()
-    flops = counter.get_total_flops()
-    return dict(kind="train", preset=preset, batch=batch_size, adv_steps=adv_steps, compiled=compile_,
+    flops = flops_per_image_pass(net, device) * batch_size
+    return dict(kind="train", preset=preset, batch=batch_size, adv_steps=adv_steps, compiled=compile_mode or False,
                 precision=args.precision, ms_per_batch=round(ms, 2), ms_per_update=round(ms / passes, 2),
-                img_per_s=round(batch_size / ms * 1000, 1),
-                peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.startswith("cuda") else None,
+                img_per_s=round(batch_size / ms * 1000, 1), peak_mem_gb=peak,
                 gflop_per_img_pass=round(flops / batch_size / 1e9, 2),
                 tflop_per_s=round(flops * passes / (ms / 1000) / 1e12, 3))
 
 
-def bench_sampler(preset: str, name: str, steps: int, batch_size: int, device: str) -> dict:
+def bench_net(preset: str, batch_size: int, compile_mode: str | None, device: str, steps: int) -> dict:
+    """Forward + backward of the network alone (MSE on the eps channels), with dpm_at.py's fast-path settings."""
+    reset_peak(device)
+    args = train_args(device, batch_size, 0, compile_mode)
+    torch.manual_seed(0)
+    net = unet.build_unet(preset, learn_sigma=args.learn_sigma).to(device)
+    train_net, _, autocast = dpm_at.fast_path(net, args)
+    x = dpm_at.to_input_layout(torch.randn(batch_size, *IMAGE, device=device), args)
+    t = torch.randint(0, 1000, (batch_size,), device=device).float()
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        with autocast:
+            out = train_net(x, t)
+        (out[:, :3].float() - x).square().mean().backward()
+
+    ms = statistics.median(timed(step, device, steps, warmup=5 if compile_mode else 3))
+    peak = peak_gb(device)
+    flops = flops_per_image_pass(net, device) * batch_size
+    return dict(kind="net", preset=preset, batch=batch_size, compiled=compile_mode or False,
+                precision=args.precision, ms_per_pass=round(ms, 2), img_per_s=round(batch_size / ms * 1000, 1),
+                peak_mem_gb=peak, tflop_per_s=round(flops / (ms / 1000) / 1e12, 3))
+
+
+def bench_sampler(preset: str, name: str, steps: int, batch_size: int, device: str, compile_: bool) -> dict:
     torch.manual_seed(0)
     net = unet.build_unet(preset, learn_sigma=True).to(device).eval().requires_grad_(False)
     for p in net.parameters():  # fresh ADM nets output zeros; give them real work
         p.add_(0.01 * torch.randn_like(p))
-    if device.startswith("cuda"):
-        net.to(memory_format=torch.channels_last)
+    args = sampler.parse_args(["--ckpt", "-", "--device", device] + (["--compile"] if compile_ else []))
+    net = sampler.fast_sampling(net, device, args.precision, args.compile)  # as sampler.py's main does
     ckpt = dict(kind="dpm", loss="ddpm", schedule="cosine", net=dict(in_channels=3, out_channels=6))
-    args = sampler.parse_args(["--ckpt", "-"])
     z = torch.randn(batch_size, 3, 32, 32, device=device)
     g = torch.Generator(device=device).manual_seed(0)
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=device.startswith("cuda"))
-
-    def run():
-        with autocast:
-            sampler.generate(ckpt, net, name, steps, z, g, args)
-
-    ms = statistics.median(timed(run, device, 3, warmup=1))
+    ms = statistics.median(timed(lambda: sampler.generate(ckpt, net, name, steps, z, g, args), device, 3, warmup=1))
     img_per_s = batch_size / ms * 1000
     return dict(kind="sample", sampler=name, steps=steps, nfe=sampler.nfe(name, steps), batch=batch_size,
-                img_per_s=round(img_per_s, 1), minutes_for_50k=round(50_000 / img_per_s / 60, 2))
+                compiled=compile_, precision=args.precision, img_per_s=round(img_per_s, 1),
+                minutes_for_50k=round(50_000 / img_per_s / 60, 2))
+
+
+def profile(preset: str, batch_size: int, compile_mode: str | None, device: str, path: str) -> None:
+    """torch.profiler over 5 steps after warm-up; the table of the top ops by device (or CPU) time goes to path."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step, _, _ = make_train_step(preset, batch_size, 0, compile_mode, device)
+    timed(step, device, 0, warmup=5 if compile_mode else 3)
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(5):
+            step()
+        sync(device)
+    table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40)
+    with open(path, "w") as f:
+        f.write(f"# plain training step, preset {preset}, batch {batch_size}, compile {compile_mode}, 5 steps\n")
+        f.write(table)
+    print(json.dumps(dict(kind="profile", batch=batch_size, compiled=compile_mode or False, file=path)), flush=True)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -124,25 +199,37 @@ def main(args: argparse.Namespace) -> None:
     preset = args.preset or ("cifar10" if cuda else "tiny")
     batches = [int(b) for b in (args.batch_sizes or ("128,512" if cuda else "8")).split(",")]
     compile_ = cuda if args.compile is None else args.compile
-    configs = [(b, k, False) for b in batches for k in (0, 3)]
-    configs += [(batches[0], k, True) for k in (0, 3)] if compile_ else []
+    modes = [m for m in args.compile_modes.split(",") if m] if compile_ else []
     if cuda:
         print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__)), flush=True)
     sample_batch = args.sample_batch or (1000 if cuda else 16)
-    eager, compiled = [c for c in configs if not c[2]], [c for c in configs if c[2]]
-    for b, k, c in eager:
-        report_train(preset, b, k, c, args)
-    for name, steps in (("ddim", 10), ("heun", 18)):
-        print(json.dumps(bench_sampler(preset, name, steps, sample_batch, args.device)), flush=True)
-    for b, k, c in compiled:  # last: the one-time compilation is slow
-        report_train(preset, b, k, c, args)
+    # eager first, compiled last: the one-time compilations are slow
+    for b in batches:
+        for k in (0, 3):
+            report(bench_train, preset, b, k, None, args.device, args.steps)
+    report(bench_net, preset, batches[0], None, args.device, args.steps)
+    for c in [False] + ([True] if compile_ else []):
+        for name, steps in (("ddim", 10), ("heun", 18)):
+            report(bench_sampler, preset, name, steps, sample_batch, args.device, c)
+    for mode in modes:
+        report(bench_net, preset, batches[0], mode, args.device, args.steps)
+        for k in (0, 3):
+            report(bench_train, preset, batches[0], k, mode, args.device, args.steps)
+    if args.profile:
+        report(profile, preset, batches[0], modes[0] if modes else None, args.device, args.profile)
 
 
-def report_train(preset, b, k, c, args):
+def report(fn, *a):
+    """Print fn's JSON line; one failing configuration (out of memory, compiler) must not hide the others."""
     try:
-        print(json.dumps(bench_train(preset, b, k, c, args.device, args.steps)), flush=True)
-    except Exception as e:  # one failing configuration (out of memory, compiler) must not hide the others
-        print(json.dumps(dict(kind="train", batch=b, adv_steps=k, compiled=c, error=repr(e)[:300])), flush=True)
+        line = fn(*a)
+    except Exception as e:
+        line = dict(kind=fn.__name__, config=[str(x) for x in a], error=repr(e)[:300])
+    if line is not None:
+        print(json.dumps(line), flush=True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
 
 if __name__ == "__main__":
     main(parse_args())

@@ -99,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="bf16 autocast (default on CUDA; weights, optimizer, EMA and delta stay fp32) or fp32 (default on CPU)")
     a("--compile", action="store_true", help="torch.compile the network for training (all K inner passes run "
                                              "through it); costs a one-time compile of a minute or more")
+    a("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead"],
+      help="torch.compile mode with --compile (longer compiles may give faster steps); default default")
     a("--seed", type=int, default=0, help="seeds init, data, t, eps, dropout and the grids; default 0")
     a("--num-shapes", type=int, default=None, help="size of the generated shapes set; default 10000 (--tiny: 512)")
     a("--log-every", type=int, default=None, help="steps between log lines / metrics.jsonl records")
@@ -356,7 +358,7 @@ def fast_path(net, args):
     train_net = net
     if dist.is_initialized():  # averages the weight gradients over ranks; delta.grad stays local (per sample)
         train_net = DistributedDataParallel(net, device_ids=[torch.device(args.device)] if on_gpu else None)
-    train_net = torch.compile(train_net) if args.compile else train_net
+    train_net = torch.compile(train_net, mode=args.compile_mode) if args.compile else train_net
     autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     return train_net, opt, autocast
 

@@ -14,7 +14,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 # Colour-blind-safe palette (Wong 2011, Nature Methods 8:441), one colour per method.
-COLORS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233), (0, 0, 0)]
+# Okabe-Ito's colour-blind-safe palette, then five more distinct colours for plots with many series
+COLORS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233), (0, 0, 0),
+          (140, 140, 140), (140, 80, 20), (120, 40, 160), (0, 120, 120), (170, 170, 0)]
 
 
 def font(size: int = 12):
@@ -122,15 +124,22 @@ def line_panel(image: Image.Image, box, series: list[dict], label: str = "", xla
         title(image, ((plot[0] + plot[2]) / 2, top + 2), label, 12, anchor="ma")
 
 
-def legend(image: Image.Image, xy, entries: list[tuple[str, tuple]]) -> None:
-    """A row of coloured markers with names, starting at xy."""
+def legend(image: Image.Image, xy, entries: list[tuple[str, tuple]], width: int | None = None) -> int:
+    """Rows of coloured markers with names, starting at xy and wrapping at width pixels (default: the image's right
+    edge); returns the number of rows."""
     draw = ImageDraw.Draw(image)
     x, y = xy
+    right = xy[0] + width if width else image.width - 10
+    rows = 1
     for name, color in entries:
+        step = 30 + int(draw.textlength(name, font=font(12)))
+        if x > xy[0] and x + step - 8 > right:
+            x, y, rows = xy[0], y + 18, rows + 1
         draw.line([x, y + 6, x + 18, y + 6], fill=color, width=2)
         draw.ellipse([x + 6, y + 3, x + 12, y + 9], fill=color)
         draw.text((x + 22, y), name, fill="black", font=font(12))
-        x += 30 + int(draw.textlength(name, font=font(12)))
+        x += step
+    return rows
 
 
 def _demo(path: str) -> None:

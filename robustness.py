@@ -6,9 +6,9 @@ Borrowed: l2-PGD (Madry et al. 2018) from attacks.py; VP <-> EDM scaling of a pe
 Uses: attacks.py, data.py, sampler.py, figures.py, and dpm_at.py's main for --train (imported like the tests do:
       this script is an experiment around the entry scripts, not one of them).     Used by: nothing.
 
-    python robustness.py --train          # trains standard / AT / AT-sqrt_d tiny UNets, then evaluates (~35 min)
+    python robustness.py --train          # trains standard / AT / AT-sqrt_d tiny UNets, then evaluates (~1 hour)
     python robustness.py --std runs/shapes_std/ckpt.pt --at runs/shapes_at/ckpt.pt   # evaluate your checkpoints
-    python robustness.py --train --quick --out /tmp/rob   # seconds: the whole pipeline at toy sizes
+    python robustness.py --train --quick --out /tmp/rob --run-dir /tmp/rob/runs   # a minute: the whole pipeline
 
 What is measured (SPEC §5; budgets are VP-space l2 radii r = gamma*sqrt(d), mapped to EDM space by sqrt(1+sigma^2)):
 1. Denoiser error: per-pixel MSE of x0_hat = D(x_e + delta; sigma) against the true x0 on held-out images, at VP steps
@@ -157,7 +157,8 @@ def markdown(results: dict, cfg, info: dict) -> str:
     rule = "| --- | --- |" + " --- |" * len(names)
     lines = ["# Robustness of the denoiser on shapes", "",
              "| | " + " | ".join(names) + " |", "| --- |" + " --- |" * len(names)]
-    for key in ("data batches", "optimizer steps", "mean ||delta|| in training (last log)", "l2 radius eta*sqrt(d)"):
+    for key in ("data batches", "optimizer steps", "mean l2 norm of delta in training (last log)",
+                "l2 radius eta*sqrt(d)"):
         lines.append(f"| {key} | " + " | ".join(str(info[n][key]) for n in names) + " |")
     lines += ["", f"Denoiser error: per-pixel MSE (x 1e-3) of x0_hat against x0, {cfg.n_images} held-out images; "
               f"perturbation radius gamma*sqrt(d) in VP space; PGD = {cfg.pgd_steps} l2 steps maximising the change "
@@ -236,7 +237,7 @@ def training_info(ckpt: dict, path: str) -> dict:
     d = 3 * 32 * 32
     k = max(args["adv_steps"], 1)
     return {"data batches": ckpt["step"], "optimizer steps": ckpt["step"] * k,
-            "mean ||delta|| in training (last log)": delta if args["adv_steps"] else "0 (no AT)",
+            "mean l2 norm of delta in training (last log)": delta if args["adv_steps"] else "0 (no AT)",
             "l2 radius eta*sqrt(d)": f"{attacks.l2_radius(args['adv_budget'], d):.2f}" if args["adv_steps"] else "-"}
 
 

@@ -9,19 +9,19 @@ Borrowed: DDPM-IP baseline (Ning et al. 2023, Alg. 1); the variance view of expo
 Uses: data.py, unet.py, sampler.py, figures.py, and dpm_at.py's train_step (imported like the tests do: this script
       is an experiment around the entry scripts, not one of them).     Used by: nothing.
 
-    python toy_experiment.py              # ring, 3 seeds x 4 methods; results/toy/ring.{md,png,json} (~12 min)
-    python toy_experiment.py --sweep      # AT's eta / alpha / K one at a time; results/toy/ring_sweep.{md,png,json}
+    python toy_experiment.py              # ring, 3 seeds x 4 methods; results/toy/ring.{md,png,json} (~11 min)
+    python toy_experiment.py --sweep      # AT's eta / alpha / K one at a time (~20 min); results/toy/ring_sweep.*
     python toy_experiment.py --quick --out /tmp/toy   # seconds: the whole pipeline at toy sizes (the test runs this)
 
 Design. Every method trains the same MLP (unet "mlp2d") from the same seed with the same number of optimizer steps:
 AT with K passes makes K optimizer steps per data batch (SPEC §3.4), so standard and IP get K times its batches
 (matched optimizer steps = matched forward/backward passes; AT sees 1/K of the data batches). "replay" is AT with
-alpha = 0 (delta stays 0): AT's batches and passes without the perturbation, which separates the two effects. Each EMA model samples
-n_eval points with DDPM ancestral (respacing "N", fixed_small variance), DDIM ("ddimN") and Heun (Karras grid, D
-clipped to [-1, 1]) at NFE 5, 10, 20, 50 (Heun: N = (NFE + 1)//2 grid points, i.e. NFE 5, 9, 19, 49), all methods
-from the same initial noise. The
-distance to n_eval fresh data points is the sliced 2-Wasserstein distance; the row "data vs data" is its floor
-at this sample size. Exposure bias is measured as Var of the sampler's state over Var of q at the same noise level.
+alpha = 0 (delta stays 0): AT's batches and passes without the perturbation, which separates the two effects.
+Each EMA model samples n_eval points with DDPM ancestral (respacing "N", fixed_small variance), DDIM ("ddimN") and
+Heun (Karras grid, D clipped to [-1, 1]) at NFE 5, 10, 20, 50 (Heun: N = (NFE + 1)//2 grid points, i.e. NFE 5, 9,
+19, 49), all methods from the same initial noise. The distance to n_eval fresh data points is the sliced
+2-Wasserstein distance; the row "data vs data" is its floor at this sample size. Exposure bias is measured as the
+variance of the sampler's state over that of q at the same noise level.
 
 Symbols: sliced W2 -> sw2, projection directions -> u, K -> adv_steps, alpha -> adv_step_size, eta -> adv_budget,
          DDPM-IP gamma -> ip_gamma, data batches of AT -> at_batches.
@@ -167,8 +167,7 @@ def evaluate(ema, seed: int, fresh: torch.Tensor, var_x0: float, cfg) -> dict:
             out["sw2"][f"{name}/{nfe}"] = sliced_wasserstein(x, fresh)
             if nfe == EXPOSURE_NFE:
                 out["exposure"][name] = exposure_curve(log, x, var_x0)
-            if nfe == cfg.nfe[0] or nfe == EXPOSURE_NFE:
-                out.setdefault("scatter", {})[f"{name}/{nfe}"] = x[: cfg.n_scatter].tolist()
+            out.setdefault("scatter", {})[f"{name}/{nfe}"] = x[: cfg.n_scatter].tolist()
     return out
 
 
@@ -218,18 +217,22 @@ def markdown(results: dict, floor: list[float], cfg, seconds: dict) -> str:
 
 
 def draw(results: dict, floor: list[float], cfg, path: str) -> None:
-    """Scatter panels (first seed) per method at the smallest NFE and at NFE 10, SW2 vs NFE, and the exposure curves."""
+    """Scatter panels (first seed) per method, sampler and NFE (--sweep: the smallest NFE and NFE 10 only), SW2 vs
+    NFE, and the exposure curves."""
     methods = list(results)
     colors = {m: figures.COLORS[i % len(figures.COLORS)] for i, m in enumerate(methods)}
-    cols = [(name, n) for name in SAMPLERS for n in sorted({cfg.nfe[0], EXPOSURE_NFE})]
-    cell = 104
+    cols = [(name, n) for name in SAMPLERS for n in (sorted({cfg.nfe[0], EXPOSURE_NFE}) if cfg.sweep else cfg.nfe)]
+    cell = 104 if cfg.sweep else 92
     width = max(110 + cell * len(cols), 3 * 300 + 20)
-    height = 60 + cell * (len(methods) + 1) + 2 * 250 + 20
+    pw = (width - 20) // 3  # width of a line panel
+    entries = [(m, colors[m]) for m in methods]
+    legend_rows = figures.legend(figures.new_figure(width, 400), (10, 30), entries)  # a dry run, to size the figure
+    height = 60 + 18 * (legend_rows - 1) + cell * (len(methods) + 1) + 2 * 250 + 20
     image = figures.new_figure(width, height)
     figures.title(image, (10, 8), f"{cfg.dataset}: samples (seed {cfg.seeds[0]}), sliced W2 vs NFE, and "
                                   f"Var[state]/Var[q] along the NFE-{EXPOSURE_NFE} trajectory", 14)
-    figures.legend(image, (10, 30), [(m, colors[m]) for m in methods])
-    top = 70
+    figures.legend(image, (10, 30), entries)
+    top = 70 + 18 * (legend_rows - 1)
     fresh = data.make_points(cfg.dataset, cfg.n_scatter, seed=10_000)
     figures.scatter_panel(image, (110, top, 110 + cell - 6, top + cell - 6), fresh, "data")
     for row, m in enumerate(methods):
@@ -247,7 +250,7 @@ def draw(results: dict, floor: list[float], cfg, path: str) -> None:
             stats = [mean_std([100 * r["sw2"][f"{name}/{n}"] for r in results[m]]) for n in cfg.nfe]
             series.append(dict(name=m, x=list(cfg.nfe), y=[s[0] for s in stats], err=[s[1] for s in stats],
                                color=colors[m]))
-        figures.line_panel(image, (10 + 300 * i, y0, 300 * (i + 1), y0 + 240), series, f"{name}: sliced W2 x 1e-2",
+        figures.line_panel(image, (10 + pw * i, y0, pw * (i + 1), y0 + 240), series, f"{name}: sliced W2 x 1e-2",
                            "NFE" + (" (Heun: 2N-1 of these)" if name == "heun" else ""), "", xlog=True,
                            hline=100 * float(np.mean(floor)))
         series = []
@@ -255,7 +258,7 @@ def draw(results: dict, floor: list[float], cfg, path: str) -> None:
             curves = np.array([[r for _, r in res["exposure"][name]] for res in results[m]])  # (seeds, states)
             steps = list(range(curves.shape[1]))
             series.append(dict(name=m, x=steps, y=list(curves.mean(0)), err=list(curves.std(0)), color=colors[m]))
-        figures.line_panel(image, (10 + 300 * i, y0 + 250, 300 * (i + 1), y0 + 490), series,
+        figures.line_panel(image, (10 + pw * i, y0 + 250, pw * (i + 1), y0 + 490), series,
                            f"{name}: Var[state] / Var[q]", "sampler state (last = output)", "", hline=1.0)
     image.save(path, optimize=True)
 

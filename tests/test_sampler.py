@@ -134,6 +134,25 @@ def test_vp_denoiser_identity():
     assert torch.allclose(out, x_e - sigma[:, None] * 0.3 * ab.sqrt() * x_e, rtol=1e-12)
 
 
+def test_vp_denoiser_nearest_step():
+    """Off-grid sigmas get the label of the nearest step in log sigma (EDM App. C.3.4), as a brute-force argmin over
+    all T steps finds it; also below the first and above the last step, per row, in one call."""
+    alpha_bar = cosine_alpha_bar()
+    log_table = sampler.vp_sigma(alpha_bar).log()
+    g = torch.Generator().manual_seed(0)
+    log_sigma = torch.cat([torch.empty(200, dtype=torch.float64).uniform_(-8.0, 6.0, generator=g),
+                           log_table[[0, 10, 999]] - 1.0, log_table[[0, 10, 999]] + 1.0])
+    seen = {}
+
+    def net(x_t, t):
+        seen["t"] = t
+        return torch.zeros_like(x_t)
+
+    sampler.vp_denoiser(net, alpha_bar)(torch.zeros(len(log_sigma), 1, dtype=torch.float64), log_sigma.exp())
+    brute = (log_table[None, :] - log_sigma[:, None]).abs().argmin(dim=1)
+    assert seen["t"].tolist() == brute.double().tolist()
+
+
 @pytest.mark.parametrize("which", ["ddpm", "ddim_eta1"])
 def test_stochastic_samplers_seeded(which):
     """Stochastic samplers are reproducible under a seeded generator and differ across seeds; outputs in [-1, 1]."""
@@ -363,3 +382,25 @@ def test_sampler_cli(tiny_checkpoints, tmp_path):
         sampler.main(sampler.parse_args(edm))
     r = run("--ckpt", str(tmp_path / "a.npz"), "--out", str(tmp_path / "d.npz"))
     assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip().startswith("error:")
+
+
+def test_sampling_fast_path(tiny_checkpoints, tmp_path):
+    """fast_sampling leaves the CPU default untouched; bf16 autocast (the CUDA default) keeps the network's output
+    float32 and within bf16 rounding of fp32 (our tolerance: 3% of the output's RMS), and the CLI runs with it."""
+    import numpy as np
+
+    ckpt, net = sampler.load_model(tiny_checkpoints["ddpm"])
+    assert sampler.fast_sampling(net, "cpu") is net
+    with torch.no_grad():
+        for p in net.parameters():  # a fresh ADM net outputs zeros: give every layer weight
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    x, t = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0., 10., 500., 999.])
+    ref = net(x, t)
+    out = sampler.fast_sampling(net, "cpu", "bf16")(x, t)
+    assert out.dtype == torch.float32 and not torch.equal(out, ref)  # bf16 arithmetic did run
+    assert (out - ref).pow(2).mean().sqrt() < 0.03 * ref.pow(2).mean().sqrt()
+    assert sampler.parse_args(["--ckpt", "x", "--device", "cpu"]).precision == "fp32"
+    out_path = str(tmp_path / "bf16.npz")
+    sampler.main(sampler.parse_args(["--ckpt", tiny_checkpoints["ddpm"], "--num", "2", "--device", "cpu",
+                                     "--sampler", "ddim", "--steps", "3", "--precision", "bf16", "--out", out_path]))
+    assert np.load(out_path)["arr_0"].shape == (2, 32, 32, 3)

@@ -1,0 +1,22 @@
+"""benchmark.py runs on CPU and prints one well-formed JSON line per configuration (figures, never timed asserts)."""
+import json
+import math
+
+import benchmark
+
+
+def test_benchmark_cpu_lines(capsys, tmp_path):
+    args = benchmark.parse_args(["--device", "cpu", "--preset", "tiny", "--batch-sizes", "2", "--steps", "1",
+                                 "--no-compile", "--sample-batch", "2", "--profile", str(tmp_path / "prof.txt")])
+    benchmark.main(args)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert not [line for line in lines if "error" in line]
+    kinds = [(line["kind"], line.get("adv_steps"), line.get("sampler")) for line in lines]
+    assert kinds == [("train", 0, None), ("train", 3, None), ("net", None, None), ("sample", None, "ddim"),
+                     ("sample", None, "heun"), ("profile", None, None)]
+    train, at = lines[0], lines[1]
+    for key in ("ms_per_batch", "ms_per_update", "img_per_s", "gflop_per_img_pass", "tflop_per_s"):
+        assert math.isfinite(train[key]) and train[key] > 0
+    assert at["ms_per_update"] == round(at["ms_per_batch"] / 3, 2)  # K = 3 optimizer updates per data batch
+    assert lines[4]["nfe"] == 35  # Heun with 18 points: 2N - 1
+    assert "aten::convolution" in (tmp_path / "prof.txt").read_text()
