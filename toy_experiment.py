@@ -11,12 +11,14 @@ Uses: data.py, unet.py, sampler.py, figures.py, and dpm_at.py's train_step (impo
 
     python toy_experiment.py              # ring, 3 seeds x 4 methods; results/toy/ring.{md,png,json} (~11 min)
     python toy_experiment.py --sweep      # AT's eta / alpha / K one at a time (~20 min); results/toy/ring_sweep.*
+    python toy_experiment.py --budget batches   # every method sees 2400 batches, AT makes 3x the steps (~20 min)
     python toy_experiment.py --quick --out /tmp/toy   # seconds: the whole pipeline at toy sizes (the test runs this)
 
 Design. Every method trains the same MLP (unet "mlp2d") from the same seed with the same number of optimizer steps:
 AT with K passes makes K optimizer steps per data batch (SPEC §3.4), so standard and IP get K times its batches
-(matched optimizer steps = matched forward/backward passes; AT sees 1/K of the data batches). "replay" is AT with
-alpha = 0 (delta stays 0): AT's batches and passes without the perturbation, which separates the two effects.
+(matched optimizer steps = matched forward/backward passes; AT sees 1/K of the data batches); --budget batches
+matches the data batches instead (AT then costs K times the compute). "replay" is AT with alpha = 0 (delta stays
+0): AT's batches and passes without the perturbation, which separates the two effects.
 Each EMA model samples n_eval points with DDPM ancestral (respacing "N", fixed_small variance), DDIM ("ddimN") and
 Heun (Karras grid, D clipped to [-1, 1]) at NFE 5, 10, 20, 50 (Heun: N = (NFE + 1)//2 grid points, i.e. NFE 5, 9,
 19, 49), all methods from the same initial noise. The distance to n_eval fresh data points is the sliced
@@ -69,24 +71,30 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_proj: int = 256) -> f
 
 
 def method_table(cfg) -> dict:
-    """name -> (dpm_at.py flags, data batches, optimizer steps per batch); all make K * at_batches optimizer steps."""
+    """name -> (dpm_at.py flags, data batches, optimizer steps per batch). --budget steps (default): every method
+    makes K * at_batches optimizer steps; --budget batches: every method sees K * at_batches data batches, so a
+    method with k passes makes k times as many optimizer steps (the paper's own count: 200K AT batches, SPEC §1.7)."""
     K, n = cfg.adv_steps, cfg.at_batches
+
+    def batches(k):  # data batches of a method with k optimizer steps per batch
+        return K * n if cfg.budget == "batches" else K * n // k
+
     at = ["--adv-steps", str(K), "--adv-step-size", str(cfg.adv_step_size), "--adv-budget", str(cfg.adv_budget)]
     table = {"standard": (["--adv-steps", "0"], K * n, 1)}
     if not cfg.sweep:
         # the control for AT's minibatch replay: the same K passes over the same batches, but delta stays 0
-        table["replay"] = (at + ["--adv-step-size", "0"], n, K)
-        table["AT"] = (at, n, K)
+        table["replay"] = (at + ["--adv-step-size", "0"], batches(K), K)
+        table["AT"] = (at, batches(K), K)
         table["IP"] = (["--adv-steps", "0", "--input-perturbation", str(cfg.ip_gamma)], K * n, 1)
         return table
     # one knob at a time around the released defaults (SPEC §3.4); later flags win in argparse
-    table[f"AT eta={cfg.adv_budget} a={cfg.adv_step_size} K={K}"] = (at, n, K)
+    table[f"AT eta={cfg.adv_budget} a={cfg.adv_step_size} K={K}"] = (at, batches(K), K)
     for eta in cfg.sweep_eta:
-        table[f"AT eta={eta}"] = (at + ["--adv-budget", str(eta)], n, K)
+        table[f"AT eta={eta}"] = (at + ["--adv-budget", str(eta)], batches(K), K)
     for alpha in cfg.sweep_alpha:
-        table[f"AT alpha={alpha}"] = (at + ["--adv-step-size", str(alpha)], n, K)
+        table[f"AT alpha={alpha}"] = (at + ["--adv-step-size", str(alpha)], batches(K), K)
     for k in cfg.sweep_k:
-        table[f"AT K={k}"] = (at + ["--adv-steps", str(k)], K * n // k, k)
+        table[f"AT K={k}"] = (at + ["--adv-steps", str(k)], batches(k), k)
     return table
 
 
@@ -274,6 +282,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                           "for --sweep (so that the sweep does not tune on them)")
     a("--at-batches", type=int, default=800, help="data batches of AT; standard and IP get K times as many "
                                                    "(matched optimizer steps); default 800")
+    a("--budget", default="steps", choices=["steps", "batches"],
+      help="what every method gets the same of: optimizer steps (default; = forward/backward passes) or data "
+           "batches (AT then makes K times the steps); results go to <dataset>[_sweep][_batches].*")
     a("--adv-steps", type=int, default=3, help="K (SPEC §3.4, released default 3)")
     a("--adv-step-size", type=float, default=0.1, help="alpha, absolute l2 step (SPEC §3.3, released default 0.1)")
     a("--adv-budget", type=float, default=0.1, help="eta, radius eta*sqrt(d) (SPEC §3.3, released default 0.1)")
@@ -326,7 +337,8 @@ def main(cfg: argparse.Namespace, argv: list[str]) -> None:
             results[m].append(evaluate(ema, seed, fresh, var_x0, cfg))
             sw2 = "  ".join(f"{k} {100 * v:.2f}" for k, v in results[m][-1]["sw2"].items())
             print(f"seed {seed} {m}: trained {time.time() - t0:.0f}s incl. sampling | SW2 x1e-2: {sw2}", flush=True)
-    stem = os.path.join(cfg.out, cfg.dataset + ("_sweep" if cfg.sweep else ""))
+    stem = os.path.join(cfg.out, cfg.dataset + ("_sweep" if cfg.sweep else "") + ("_batches" if cfg.budget ==
+                                                                                      "batches" else ""))
     command = "python toy_experiment.py " + " ".join(argv)
     report = markdown(results, floor, cfg, seconds)
     report += f"\nCommand: `{command.strip()}`; {time.time() - start:.0f} s in all, {cfg.threads} thread(s).\n"

@@ -68,3 +68,14 @@ def test_quick_run_writes_finite_tables_and_a_figure(tmp_path):
     with Image.open(tmp_path / "ring.png") as image:
         assert image.size[0] > 600 and image.size[1] > 600
     assert (tmp_path / "ring.png").stat().st_size < 300_000
+
+
+def test_budgets_match_what_they_say():
+    """--budget steps: every method makes K * at_batches optimizer steps (also the sweep's K = 2 and K = 5);
+    --budget batches: every method sees K * at_batches data batches."""
+    for sweep in ([], ["--sweep"]):
+        steps = toy_experiment.method_table(toy_experiment.parse_args(sweep))
+        assert {batches * k for _, batches, k in steps.values()} == {3 * 800}
+        same_data = toy_experiment.method_table(toy_experiment.parse_args(sweep + ["--budget", "batches"]))
+        assert {batches for _, batches, _ in same_data.values()} == {3 * 800}
+        assert {k for _, _, k in same_data.values()} == ({1, 3} if not sweep else {1, 2, 3, 5})
