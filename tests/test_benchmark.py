@@ -12,11 +12,11 @@ def test_benchmark_cpu_lines(capsys, tmp_path):
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert not [line for line in lines if "error" in line]
     kinds = [(line["kind"], line.get("adv_steps"), line.get("sampler")) for line in lines]
-    assert kinds == [("train", 0, None), ("train", 3, None), ("net", None, None), ("sample", None, "ddim"),
-                     ("sample", None, "heun"), ("profile", None, None)]
-    train, at = lines[0], lines[1]
+    assert kinds == [("sample", None, "heun"), ("sample", None, "ddim"), ("train", 0, None), ("train", 3, None),
+                     ("net", None, None), ("profile", None, None)]
+    train, at = lines[2], lines[3]
     for key in ("ms_per_batch", "ms_per_update", "img_per_s", "gflop_per_img_pass", "tflop_per_s"):
         assert math.isfinite(train[key]) and train[key] > 0
     assert at["ms_per_update"] == round(at["ms_per_batch"] / 3, 2)  # K = 3 optimizer updates per data batch
-    assert lines[4]["nfe"] == 35  # Heun with 18 points: 2N - 1
+    assert lines[0]["nfe"] == 35  # Heun with 18 points: 2N - 1
     assert "aten::convolution" in (tmp_path / "prof.txt").read_text()
