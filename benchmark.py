@@ -49,7 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="write a torch.profiler table (top 40 ops by device time) of the first batch size's plain "
                         "step, compiled if --compile, to FILE")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    bad = [m for m in args.compile_modes.split(",") if m and m not in dpm_at.COMPILE_MODES]
+    if bad:
+        p.error(f"--compile-modes: unknown mode(s) {', '.join(bad)}; "
+                f"choose from {', '.join(dpm_at.COMPILE_MODES)}")
+    return args
 
 
 def sync(device: str) -> None:

@@ -50,6 +50,7 @@ DATASET_DEFAULTS = {
     "points": dict(preset="mlp2d", steps=3000, batch_size=512, lr=1e-3, ema_decay=0.995, learn_sigma=False,
                    t_sampler="uniform", log_every=100, grid_every=1000, save_every=1000, num_grid=5000),
 }
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile's, for --compile-mode
 TINY = dict(preset="tiny", steps=20, batch_size=8, ema_decay=0.9, log_every=5, grid_every=10, save_every=10,
             num_grid=16, num_shapes=512)
 
@@ -99,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="bf16 autocast (default on CUDA; weights, optimizer, EMA and delta stay fp32) or fp32 (default on CPU)")
     a("--compile", action="store_true", help="torch.compile the network for training (all K inner passes run "
                                              "through it); costs a one-time compile of a minute or more")
-    a("--compile-mode", default="default", choices=["default", "max-autotune-no-cudagraphs", "reduce-overhead"],
+    a("--compile-mode", default="default", choices=COMPILE_MODES,
       help="torch.compile mode with --compile (longer compiles may give faster steps); default default")
     a("--seed", type=int, default=0, help="seeds init, data, t, eps, dropout and the grids; default 0")
     a("--num-shapes", type=int, default=None, help="size of the generated shapes set; default 10000 (--tiny: 512)")

@@ -240,7 +240,8 @@ class MLPDenoiser(nn.Module):
         noise_label = torch.as_tensor(noise_label, dtype=torch.float32, device=x.device)
         noise_label = noise_label.reshape(-1).expand(x.shape[0])  # (B,), as in UNet.forward
         # The embedding path depends on the label only, so we run it once per distinct label (a sampler step
-        # shares one label across the batch); this halves the cost of sampling 10,000 points.
+        # shares one label across the batch); this halves the cost of sampling 10,000 points on a CPU. unique() is
+        # a host sync on a GPU; this network is for the CPU toy runs, the UNet has no such step.
         labels, index = torch.unique(noise_label, return_inverse=True)
         emb = self.emb_mlp(timestep_embedding(labels, self.hidden))  # (distinct labels, hidden)
         h = self.input(x)

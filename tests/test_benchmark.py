@@ -20,3 +20,20 @@ def test_benchmark_cpu_lines(capsys, tmp_path):
     assert at["ms_per_update"] == round(at["ms_per_batch"] / 3, 2)  # K = 3 optimizer updates per data batch
     assert lines[0]["nfe"] == 35  # Heun with 18 points: 2N - 1
     assert "aten::convolution" in (tmp_path / "prof.txt").read_text()
+
+
+def test_flop_count_scales_with_the_batch_and_bad_modes_are_refused():
+    """The benchmark counts FLOPs on 2 images and scales them: that is only right if every layer's cost is linear in
+    the batch, which a direct count at batch 6 checks. An unknown --compile-modes entry is a one-line usage error."""
+    import pytest
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import unet
+
+    net = unet.build_unet("tiny", learn_sigma=True)
+    with FlopCounterMode(display=False) as counter:
+        net(torch.randn(6, 3, 32, 32), torch.zeros(6)).float().square().mean().backward()
+    assert benchmark.flops_per_image_pass(net, "cpu") * 6 == pytest.approx(counter.get_total_flops(), rel=1e-9)
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--compile-modes", "default,fastest"])

@@ -84,6 +84,15 @@ class OpLog(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def test_op_log_sees_host_syncs():
+    """The detector itself: a scalar read, a boolean mask and unique() are flagged (else the test below is moot)."""
+    x = torch.randn(5)
+    with OpLog() as log:
+        x.sum().item(), x[x > 0], torch.unique(x)
+    flagged = {op for op in log.ops if op in HOST_SYNC_OPS or op.startswith("bool-mask")}
+    assert flagged == {"_local_scalar_dense", "bool-mask index", "_unique2"}
+
+
 @pytest.mark.parametrize("argv", [
     ["--dataset", "cifar10", "--preset", "tiny", "--batch-size", "4"],  # hybrid loss, loss-second-moment t, AT K=3
     ["--loss", "edm", "--batch-size", "4"],
