@@ -223,3 +223,50 @@ def test_build_from_config_rebuilds_either_network():
     b.load_state_dict(a.state_dict())
     with pytest.raises(ValueError, match="arch"):
         build_from_config(dict(cfg, arch="transformer"))
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_attention_block_matches_adm_new_order(memory_format):
+    """AttentionBlock equals ADM's QKVAttention ("new order": qkv split into q, k, v first, then each into heads;
+    weights softmax(q^T k / sqrt(d)) over keys), written here with explicit loops over heads, in either layout."""
+    from unet import AttentionBlock
+
+    torch.manual_seed(0)
+    C, heads, d = 64, 2, 32
+    block = perturbed(AttentionBlock(C, num_head_channels=d))
+    x = torch.randn(2, C, 4, 5)
+    with torch.no_grad():
+        qkv = block.qkv(block.norm(x)).flatten(2)  # (B, 3C, T)
+        q, k, v = qkv.chunk(3, dim=1)  # each (B, C, T)
+        out = []
+        for i in range(heads):
+            qi, ki, vi = (a[:, i * d:(i + 1) * d] for a in (q, k, v))  # (B, d, T)
+            w = torch.softmax(torch.einsum("bct,bcs->bts", qi, ki) / math.sqrt(d), dim=-1)  # (B, T query, S key)
+            out.append(torch.einsum("bts,bcs->bct", w, vi))
+        expected = x + block.proj(torch.cat(out, dim=1).reshape(x.shape))
+        got = block(x.contiguous(memory_format=memory_format))
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_attention_reads_channels_last_qkv_without_copies(monkeypatch):
+    """With channels_last memory (the CUDA fast path), q, k and v reach SDPA as views of the qkv conv's output, with
+    the head dimension innermost (stride 1), which is what the fused attention kernels take without a copy."""
+    import unet
+    from unet import AttentionBlock
+
+    seen, sdpa = [], unet.F.scaled_dot_product_attention
+
+    def spy(q, k, v):
+        seen.append((q, k, v))
+        return sdpa(q, k, v)
+
+    monkeypatch.setattr(unet.F, "scaled_dot_product_attention", spy)
+    block = AttentionBlock(64, num_head_channels=32)
+    qkv_out = []
+    block.qkv.register_forward_hook(lambda m, i, out: qkv_out.append(out))
+    with torch.no_grad():
+        block(torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last))
+    base = qkv_out[0].untyped_storage().data_ptr()
+    assert qkv_out[0].is_contiguous(memory_format=torch.channels_last)
+    for a in seen[0]:
+        assert a.shape == (2, 2, 16, 32) and a.stride(-1) == 1 and a.untyped_storage().data_ptr() == base
