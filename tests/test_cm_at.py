@@ -197,6 +197,34 @@ def test_cd_step_ema_rule_and_clean_loss():
     assert opt.state[next(iter(student.parameters()))]["step"].item() == 1
 
 
+def test_gpu_layout_keeps_the_cd_step(monkeypatch):
+    """cm_at.gpu_layout's channels_last weights and inputs (the CUDA layout, forced here on CPU) give the plain CD
+    loss of SPEC §4.2 written out independently, and the same K = 2 update as the default layout."""
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored afterwards
+    sigmas = sampler.karras_sigmas(18)[:-1]
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    runs = []
+    for channels_last in (False, True):
+        teacher, student, target, ema, opt = cd_setup()
+        reference = copy.deepcopy(student)
+        x = x0
+        if channels_last:
+            cm_at.gpu_layout("cuda", teacher, student, target, ema)
+            x = x0.contiguous(memory_format=torch.channels_last)
+            assert student.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
+        clean, last, _ = cm_at.train_step(student, target, ema, opt, sampler.edm_denoiser(teacher), x, sigmas,
+                                          cd_args(adv_steps=2), torch.Generator().manual_seed(5))
+        g = torch.Generator().manual_seed(5)  # train_step draws i, then z
+        i, z = torch.randint(0, 17, (4,), generator=g), torch.randn(x0.shape, generator=g)
+        with torch.no_grad():
+            assert clean.item() == pytest.approx(reference_cd_loss(teacher, reference, reference, x0, i, z,
+                                                                   sigmas).item(), rel=1e-5)
+        runs.append((last, [p.detach().clone() for p in student.parameters()]))
+    assert runs[1][0].item() == pytest.approx(runs[0][0].item(), rel=1e-5)
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_cd_at_delta_in_vp_ball(monkeypatch):
     """CD-AT (SPEC §4.4) with K = 3: delta enters the student's input only, stays in the VP-space ball
     ||delta|| <= eta sqrt(d) sqrt(1 + sigma_hi^2) (here it reaches it), the target pass is the clean one and is
