@@ -13,8 +13,8 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-# Colour-blind-safe palette (Wong 2011, Nature Methods 8:441), one colour per method.
-# Okabe-Ito's colour-blind-safe palette, then five more distinct colours for plots with many series
+# One colour per method: the Okabe-Ito colour-blind-safe palette (Wong 2011, Nature Methods 8:441), then five more
+# distinct colours (not chosen for colour blindness) for plots with many series.
 COLORS = [(0, 114, 178), (213, 94, 0), (0, 158, 115), (204, 121, 167), (230, 159, 0), (86, 180, 233), (0, 0, 0),
           (140, 140, 140), (140, 80, 20), (120, 40, 160), (0, 120, 120), (170, 170, 0)]
 

@@ -384,7 +384,9 @@ def load_model(path: str, device: str = "cpu", weights: str = "ema"):
 
 class FastNet(torch.nn.Module):
     """The sampling fast path around a network (on by default on CUDA, see fast_sampling): channels_last input, bf16
-    autocast inside the network call only, and a float32 output, so every sampler's arithmetic stays in fp32."""
+    autocast inside the network call only, and a float32 output, so every sampler's arithmetic stays in fp32.
+    Deviation [PROJECT]: the papers' samplers run the network in full precision; bf16's effect on FID has not been
+    measured here, so pass --precision fp32 for numbers meant to match published ones."""
 
     def __init__(self, net: torch.nn.Module, bf16: bool):
         super().__init__()

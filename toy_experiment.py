@@ -337,8 +337,8 @@ def main(cfg: argparse.Namespace, argv: list[str]) -> None:
             results[m].append(evaluate(ema, seed, fresh, var_x0, cfg))
             sw2 = "  ".join(f"{k} {100 * v:.2f}" for k, v in results[m][-1]["sw2"].items())
             print(f"seed {seed} {m}: trained {time.time() - t0:.0f}s incl. sampling | SW2 x1e-2: {sw2}", flush=True)
-    stem = os.path.join(cfg.out, cfg.dataset + ("_sweep" if cfg.sweep else "") + ("_batches" if cfg.budget ==
-                                                                                      "batches" else ""))
+    suffix = ("_sweep" if cfg.sweep else "") + ("_batches" if cfg.budget == "batches" else "")
+    stem = os.path.join(cfg.out, cfg.dataset + suffix)
     command = "python toy_experiment.py " + " ".join(argv)
     report = markdown(results, floor, cfg, seconds)
     report += f"\nCommand: `{command.strip()}`; {time.time() - start:.0f} s in all, {cfg.threads} thread(s).\n"
