@@ -43,18 +43,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed steps per configuration (median); default 20")
     p.add_argument("--compile", default=None, action=argparse.BooleanOptionalAction,
                    help="also time torch.compile (first batch size only); default on for CUDA")
-    p.add_argument("--compile-modes", default="default",
-                   help="comma list of dpm_at.py --compile-mode values to time; default default")
+    p.add_argument("--compile-modes", default="reduce-overhead,default",
+                   help="comma list of dpm_at.py --compile-mode values to time; default reduce-overhead,default "
+                        "(the first is what dpm_at.py --compile uses on one GPU)")
     p.add_argument("--sample-batch", type=int, default=None, help="batch for sampler throughput; 1000 CUDA, 16 CPU")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="write a torch.profiler table (top 40 ops by device time) of the first batch size's plain "
-                        "step, compiled if --compile, to FILE")
+                        "step, compiled (mode default: CUDA graphs would hide the kernels) if --compile, to FILE")
+    p.add_argument("--native-groupnorm", action="store_true",
+                   help="A/B: PyTorch's group_norm kernel in every layout (on CUDA it copies channels_last input to "
+                        "NCHW), instead of GroupNorm32's channels_last formula")
     args = p.parse_args(argv)
     bad = [m for m in args.compile_modes.split(",") if m and m not in dpm_at.COMPILE_MODES]
     if bad:
         p.error(f"--compile-modes: unknown mode(s) {', '.join(bad)}; "
                 f"choose from {', '.join(dpm_at.COMPILE_MODES)}")
     return args
+
+
+def use_native_groupnorm() -> None:
+    """What unet.GroupNorm32 did before it kept channels_last: F.group_norm in float32 for every layout."""
+    unet.GroupNorm32.forward = lambda self, x: torch.nn.GroupNorm.forward(self, x.float()).to(x.dtype)
 
 
 def sync(device: str) -> None:
@@ -211,8 +220,11 @@ def main(args: argparse.Namespace) -> None:
     batches = [int(b) for b in (args.batch_sizes or ("128,512" if cuda else "8")).split(",")]
     compile_ = cuda if args.compile is None else args.compile
     modes = [m for m in args.compile_modes.split(",") if m] if compile_ else []
+    if args.native_groupnorm:
+        use_native_groupnorm()
     if cuda:
-        print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__)), flush=True)
+        print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                              groupnorm="native" if args.native_groupnorm else "channels_last")), flush=True)
     sample_batch = args.sample_batch or (1000 if cuda else 16)
     for mode in modes:
         for k in (0, 3):
@@ -233,7 +245,7 @@ def main(args: argparse.Namespace) -> None:
             report(bench_train, preset, b, k, None, args.device, args.steps)
     report(bench_net, preset, batches[0], None, args.device, args.steps)
     if args.profile:
-        report(profile, preset, batches[0], modes[0] if modes else None, args.device, args.profile)
+        report(profile, preset, batches[0], "default" if modes else None, args.device, args.profile)
 
 
 def report(fn, *a):

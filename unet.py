@@ -40,14 +40,31 @@ PRESETS: dict[str, dict] = {
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back, so bf16/fp16 autocast cannot lose the statistics (as ADM)."""
+    """GroupNorm computed in float32 and cast back, so bf16/fp16 autocast cannot lose the statistics (as ADM).
+
+    Same parameters and the same function as nn.GroupNorm (Wu & He 2018, Eq. 1-3: per sample and group, subtract the
+    mean and divide by sqrt(biased variance + eps) over the group's channels and all positions; then the per-channel
+    affine map). NCHW input, which every CPU run uses, goes to PyTorch's kernel. A channels_last input (the CUDA fast
+    path) takes the same formula written out on its NHWC memory, because on CUDA F.group_norm copies channels_last
+    input to NCHW and returns NCHW: a copy before every norm and another before the next convolution. Written out,
+    every op is a view, an elementwise op or a reduction, so nothing is copied and the output stays channels_last.
+    """
 
     def __init__(self, channels: int):
         # ADM uses 32 groups; narrower layers (tiny preset) get the largest group count that divides the channels.
         super().__init__(math.gcd(32, channels), channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x.float()).to(x.dtype)
+        B, C, H, W = x.shape
+        g = x.float().permute(0, 2, 3, 1).reshape(B, H * W, self.num_groups, -1)  # views of NHWC memory
+        var, mean = torch.var_mean(g, dim=(1, 3), correction=0, keepdim=True)  # per (sample, group): (B, 1, G, 1)
+        gamma, beta = (p.view(1, 1, self.num_groups, -1) for p in (self.weight, self.bias))
+        # gamma (g - mean) / sqrt(var + eps) + beta, as one multiply-add over the activations: g * scale + shift
+        scale = torch.rsqrt(var + self.eps) * gamma
+        shift = beta - mean * scale
+        return torch.addcmul(shift, g, scale).reshape(B, H, W, C).permute(0, 3, 1, 2).to(x.dtype)
 
 
 def timestep_embedding(noise_label: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -37,3 +37,22 @@ def test_flop_count_scales_with_the_batch_and_bad_modes_are_refused():
     assert benchmark.flops_per_image_pass(net, "cpu") * 6 == pytest.approx(counter.get_total_flops(), rel=1e-9)
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--compile-modes", "default,fastest"])
+
+
+def test_native_groupnorm_switch(monkeypatch):
+    """--native-groupnorm (the A/B against GroupNorm32's channels_last formula) sends channels_last input to
+    F.group_norm, which the formula never calls; both give the same numbers."""
+    import torch
+
+    import unet
+
+    monkeypatch.setattr(unet.GroupNorm32, "forward", unet.GroupNorm32.forward)  # restored after the test
+    calls, group_norm = [], torch.nn.functional.group_norm
+    monkeypatch.setattr(torch.nn.functional, "group_norm", lambda *a, **k: calls.append(1) or group_norm(*a, **k))
+    gn = unet.GroupNorm32(64)
+    x = torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last)
+    formula = gn(x)
+    assert not calls
+    assert benchmark.parse_args(["--native-groupnorm"]).native_groupnorm
+    benchmark.use_native_groupnorm()
+    assert torch.allclose(gn(x), formula, atol=1e-5) and calls

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from unet import PRESETS, build_unet, count_parameters, timestep_embedding
 
@@ -270,3 +271,81 @@ def test_attention_reads_channels_last_qkv_without_copies(monkeypatch):
     assert qkv_out[0].is_contiguous(memory_format=torch.channels_last)
     for a in seen[0]:
         assert a.shape == (2, 2, 16, 32) and a.stride(-1) == 1 and a.untyped_storage().data_ptr() == base
+
+
+def group_norm_reference(x: torch.Tensor, groups: int, weight, bias, eps: float) -> torch.Tensor:
+    """Wu & He 2018, Eq. 1-3, written out: per sample and group, the mean and the biased variance over the group's
+    channels and all positions; normalise; then the per-channel affine map."""
+    B, C = x.shape[:2]
+    g = x.reshape(B, groups, -1)
+    mean = g.mean(-1, keepdim=True)
+    var = ((g - mean) ** 2).mean(-1, keepdim=True)
+    y = ((g - mean) / torch.sqrt(var + eps)).reshape(x.shape)
+    affine = (1, C) + (1,) * (x.dim() - 2)
+    return y * weight.reshape(affine) + bias.reshape(affine)
+
+
+@pytest.mark.parametrize("shape, memory_format", [
+    ((2, 64, 4, 6), torch.contiguous_format), ((2, 64, 4, 6), torch.channels_last),
+    ((3, 32, 5, 5), torch.channels_last), ((4, 256), torch.contiguous_format)])
+def test_group_norm32_is_group_norm(shape, memory_format):
+    """GroupNorm32 equals GroupNorm's formula (above, in float64) and PyTorch's F.group_norm, values and gradients
+    for x, gamma and beta, in either layout; a bf16 input gives a bf16 output within bf16 rounding."""
+    from unet import GroupNorm32
+
+    torch.manual_seed(0)
+    gn = GroupNorm32(shape[1])
+    with torch.no_grad():
+        gn.weight.normal_()
+        gn.bias.normal_()
+    x = (3 * torch.randn(shape) + 1).contiguous(memory_format=memory_format).requires_grad_(True)
+    w_out = torch.randn(shape)  # a random linear read-out, so that every output feeds the gradients
+    y = gn(x)
+    grads = torch.autograd.grad((y * w_out).sum(), (x, gn.weight, gn.bias))
+    exact = group_norm_reference(x.double(), gn.num_groups, gn.weight.double(), gn.bias.double(), gn.eps)
+    assert y.dtype == torch.float32 and torch.allclose(y.double(), exact, atol=2e-5)
+    ref = F.group_norm(x, gn.num_groups, gn.weight, gn.bias, gn.eps)
+    ref_grads = torch.autograd.grad((ref * w_out).sum(), (x, gn.weight, gn.bias))
+    assert torch.allclose(y, ref, atol=2e-5)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+    y16 = gn(x.detach().bfloat16())
+    assert y16.dtype == torch.bfloat16
+    assert torch.allclose(y16.float(), gn(x.detach().bfloat16().float()), atol=3e-2, rtol=1e-2)
+
+
+class LayoutLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names the aten ops (forward and backward) that rewrite an activation in another memory order: a non-view op
+    with an activation among its inputs and an output of that input's shape with other strides (a layout copy). An
+    activation is a tensor with the input's number of elements that is not a broadcast (no zero stride)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.bad = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func._schema.is_mutable and not any(r.alias_info for r in func._schema.returns):  # not a view
+            ins = [t for t in args if isinstance(t, torch.Tensor) and t.numel() == self.numel and 0 not in t.stride()]
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor) and any(o.shape == t.shape and o.stride() != t.stride() for t in ins):
+                    self.bad.append(func.overloadpacket.__name__)
+        return out
+
+
+def test_group_norm32_keeps_channels_last():
+    """On channels_last input (the CUDA fast path) no op of GroupNorm32's forward or backward writes an activation in
+    another layout: no copy to NCHW and back, which F.group_norm makes on CUDA. The detector flags such a copy."""
+    from unet import GroupNorm32
+
+    gn = GroupNorm32(64)
+    x = torch.randn(2, 64, 4, 6).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    r = torch.randn(x.shape).contiguous(memory_format=torch.channels_last)  # the gradient arrives channels_last
+    copying = lambda a: F.group_norm(a.contiguous(), gn.num_groups, gn.weight, gn.bias, gn.eps)  # noqa: E731
+    for norm, should_flag in ((gn, False), (copying, True)):
+        with LayoutLog(x.numel()) as log:
+            y = norm(x)
+            (dx,) = torch.autograd.grad((y * r).sum(), x)
+        assert bool(log.bad) == should_flag, log.bad
+        assert y.is_contiguous(memory_format=torch.channels_last) != should_flag
+        assert dx.is_contiguous(memory_format=torch.channels_last) != should_flag
