@@ -7,6 +7,8 @@ Uses: dpm_at.py (train_step, fast_path), unet.py, sampler.py (fast_sampling, gen
 Run: python benchmark.py              (CUDA: the cifar10 preset at batch 128 and 512, eager and --compile;
                                        CPU: the tiny preset at batch 8, so that it stays runnable on a laptop)
      python benchmark.py --profile prof.txt   (also: a torch.profiler table of the batch-128 step's top kernels)
+     python benchmark.py --kinds train --batch-sizes 128 --compile-modes reduce-overhead [--native-groupnorm]
+                                              (the short A/B of GroupNorm32's channels_last formula)
 
 Kinds of line:
   train   one training step of dpm_at.py as `python dpm_at.py --dataset cifar10` runs it (hybrid loss, learned
@@ -33,6 +35,7 @@ import sampler
 import unet
 
 IMAGE = (3, 32, 32)  # CIFAR-10's shape; every preset here is built for it
+KINDS = ("train", "sample", "net")  # the kinds of timed line (see the docstring)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="write a torch.profiler table (top 40 ops by device time) of the first batch size's plain "
                         "step, compiled (mode default: CUDA graphs would hide the kernels) if --compile, to FILE")
+    p.add_argument("--kinds", default="train,sample,net",
+                   help="comma list of the kinds of line to time (train, sample, net); default all. --kinds train "
+                        "with --batch-sizes 128 is the short run for an A/B")
     p.add_argument("--native-groupnorm", action="store_true",
                    help="A/B: PyTorch's group_norm kernel in every layout (on CUDA it copies channels_last input to "
                         "NCHW), instead of GroupNorm32's channels_last formula")
@@ -58,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad:
         p.error(f"--compile-modes: unknown mode(s) {', '.join(bad)}; "
                 f"choose from {', '.join(dpm_at.COMPILE_MODES)}")
+    bad = [k for k in args.kinds.split(",") if k not in KINDS]
+    if bad:
+        p.error(f"--kinds: unknown kind(s) {', '.join(bad)}; choose from {', '.join(KINDS)}")
     return args
 
 
@@ -226,10 +235,11 @@ def main(args: argparse.Namespace) -> None:
         print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                               groupnorm="native" if args.native_groupnorm else "channels_last")), flush=True)
     sample_batch = args.sample_batch or (1000 if cuda else 16)
-    for mode in modes:
+    kinds = args.kinds.split(",")
+    for mode in modes if "train" in kinds else []:
         for k in (0, 3):
             report(bench_train, preset, batches[0], k, mode, args.device, args.steps)
-    for c in ([True] if compile_ else []) + [False]:
+    for c in (([True] if compile_ else []) + [False]) if "sample" in kinds else []:
         try:
             net, sample_args = sampling_net(preset, args.device, c)
         except Exception as e:  # reported like a failing configuration
@@ -238,12 +248,13 @@ def main(args: argparse.Namespace) -> None:
         for name, steps in (("heun", 18), ("ddim", 10)):
             report(bench_sampler, net, sample_args, name, steps, sample_batch, args.device)
         del net
-    for mode in modes:
+    for mode in modes if "net" in kinds else []:
         report(bench_net, preset, batches[0], mode, args.device, args.steps)
-    for b in batches:
+    for b in batches if "train" in kinds else []:
         for k in (0, 3):
             report(bench_train, preset, b, k, None, args.device, args.steps)
-    report(bench_net, preset, batches[0], None, args.device, args.steps)
+    if "net" in kinds:
+        report(bench_net, preset, batches[0], None, args.device, args.steps)
     if args.profile:
         report(profile, preset, batches[0], "default" if modes else None, args.device, args.profile)
 

@@ -24,7 +24,8 @@ def test_benchmark_cpu_lines(capsys, tmp_path):
 
 def test_flop_count_scales_with_the_batch_and_bad_modes_are_refused():
     """The benchmark counts FLOPs on 2 images and scales them: that is only right if every layer's cost is linear in
-    the batch, which a direct count at batch 6 checks. An unknown --compile-modes entry is a one-line usage error."""
+    the batch, which a direct count at batch 6 checks. An unknown --compile-modes or --kinds entry is a one-line
+    usage error."""
     import pytest
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -37,6 +38,8 @@ def test_flop_count_scales_with_the_batch_and_bad_modes_are_refused():
     assert benchmark.flops_per_image_pass(net, "cpu") * 6 == pytest.approx(counter.get_total_flops(), rel=1e-9)
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--compile-modes", "default,fastest"])
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--kinds", "train,fid"])
 
 
 def test_native_groupnorm_switch(monkeypatch):
@@ -56,3 +59,11 @@ def test_native_groupnorm_switch(monkeypatch):
     assert benchmark.parse_args(["--native-groupnorm"]).native_groupnorm
     benchmark.use_native_groupnorm()
     assert torch.allclose(gn(x), formula, atol=1e-5) and calls
+
+
+def test_kinds_selects_lines(capsys):
+    args = benchmark.parse_args(["--device", "cpu", "--preset", "tiny", "--batch-sizes", "2", "--steps", "1",
+                                 "--no-compile", "--kinds", "train"])
+    benchmark.main(args)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(line["kind"], line["adv_steps"]) for line in lines] == [("train", 0), ("train", 3)]

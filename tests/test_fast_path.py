@@ -77,18 +77,22 @@ def test_compile_mode_default(monkeypatch, device, world, flag, expected):
     assert dpm_at.resolve_args(dpm_at.parse_args(argv)).compile_mode == expected
 
 
-@pytest.mark.skipif(not (os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")),
-                    reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_channels_last_blocks_match_eager():
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif(not (os.environ.get("CXX") or shutil.which("g++")
+                                                      or shutil.which("c++")), reason="needs a C++ compiler")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_compiled_channels_last_blocks_match_eager(device, monkeypatch):
     """torch.compile of an attention block followed by an upsampling ResBlock (the UNet decoder's pattern), in
     channels_last as the CUDA fast path runs it, gives the eager NCHW output and gradients. An earlier GroupNorm32
     written on a (B, G, C/G, H, W) view passed every eager test but was compiled wrong here (6.8% gradient error on
-    CPU, torch 2.13); this checks the compiled graph, not the formula. About 30 s of compiling."""
+    CPU, torch 2.13); this checks the compiled graph, not the formula. About 30 s of compiling per device."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 convolutions on both sides
     torch.manual_seed(0)
     blocks = torch.nn.ModuleList([unet.AttentionBlock(64, 32), unet.ResBlock(64, 64, 128, 0.0, up=True)])
     for p in blocks.parameters():
         p.data.add_(0.05 * torch.randn_like(p))  # the zero-initialised output layers would hide the branches
-    x, emb, readout = torch.randn(4, 64, 16, 16), torch.randn(4, 128), torch.randn(4, 64, 32, 32)
+    blocks.to(device)
+    x, emb, readout = (torch.randn(*s, device=device) for s in ((4, 64, 16, 16), (4, 128), (4, 64, 32, 32)))
 
     def grads(fn, x):
         x = x.detach().requires_grad_(True)
