@@ -139,7 +139,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--preset {args.preset} does not fit --dataset {args.dataset} (2-D points need mlp2d)")
     if args.precision is None:
         args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
-    if args.compile_mode is None:  # CUDA graphs replay the whole compiled step in one launch; untested under torchrun
+    if args.compile_mode is None:  # CUDA graphs replay the network's forward and backward; untested under torchrun
         one_gpu = args.device.startswith("cuda") and int(os.environ.get("WORLD_SIZE", "1")) == 1
         args.compile_mode = "reduce-overhead" if one_gpu else "default"
     if args.loss == "edm" and (args.learn_sigma or args.t_sampler != "uniform"):

@@ -65,7 +65,6 @@ def test_fast_path_is_plain_on_cpu():
         assert not torch.is_autocast_enabled("cpu")
 
 
-
 @pytest.mark.parametrize("device, world, flag, expected", [
     ("cuda", "1", None, "reduce-overhead"),  # one GPU: CUDA graphs
     ("cuda", "2", None, "default"),  # torchrun: CUDA graphs with DDP are untested here
@@ -105,6 +104,7 @@ def test_compiled_channels_last_blocks_match_eager(device, monkeypatch):
     got = grads(compiled, x.contiguous(memory_format=torch.channels_last))
     flat = lambda ts: torch.cat([t.flatten() for t in ts])  # noqa: E731
     assert (flat(got) - flat(expected)).norm() <= 1e-4 * flat(expected).norm()
+
 
 # aten ops that wait for the device on CUDA: a scalar read, or an output whose shape depends on the data
 HOST_SYNC_OPS = ("_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
