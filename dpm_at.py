@@ -50,7 +50,8 @@ DATASET_DEFAULTS = {
     "points": dict(preset="mlp2d", steps=3000, batch_size=512, lr=1e-3, ema_decay=0.995, learn_sigma=False,
                    t_sampler="uniform", log_every=100, grid_every=1000, save_every=1000, num_grid=5000),
 }
-COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile's, for --compile-mode
+# torch.compile's modes, for --compile-mode; the max-autotune ones also time candidate kernels (a longer compile)
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 TINY = dict(preset="tiny", steps=20, batch_size=8, ema_decay=0.9, log_every=5, grid_every=10, save_every=10,
             num_grid=16, num_shapes=512)
 

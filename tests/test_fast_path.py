@@ -69,7 +69,8 @@ def test_fast_path_is_plain_on_cpu():
     ("cuda", "1", None, "reduce-overhead"),  # one GPU: CUDA graphs
     ("cuda", "2", None, "default"),  # torchrun: CUDA graphs with DDP are untested here
     ("cpu", "1", None, "default"),  # no CUDA graphs on a CPU
-    ("cuda", "1", "default", "default")])  # an explicit flag wins
+    ("cuda", "1", "default", "default"),  # an explicit flag wins
+    ("cuda", "1", "max-autotune", "max-autotune")])
 def test_compile_mode_default(monkeypatch, device, world, flag, expected):
     monkeypatch.setenv("WORLD_SIZE", world)
     argv = ["--tiny", "--device", device, "--compile"] + (["--compile-mode", flag] if flag else [])
