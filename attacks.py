@@ -1,17 +1,19 @@
-"""Perturbations of the noisy input x_t: the inner maximisation of adversarial training (AT), and l2-PGD for evaluation.
+"""Perturbations of the noisy input x_t: the inner maximisation of adversarial training (AT), and PGD for evaluation.
 
 Paper: Wang et al. 2025, arXiv:2502.17099v1; the AT objective min_theta E max_{delta in Ball} loss(x_t + delta)
-       (Sec. 3-4, Eq. (14) as the OpenReview reviews number it; see ../shared/SPEC.md §3.1, §3.3, §5).
-Borrowed: normalised-gradient l2 ascent + projection = PGD (Madry et al. 2018, Eq. 2), sign step = FGSM
-          (Goodfellow et al. 2015); the ball radius eta*sqrt(d) and step rule follow the authors' released code.
-Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, robustness.py.
+       (Eq. (14) in the OpenReview reviews' numbering; docs/method.md §4.1, §4.3).
+Borrowed: normalised-gradient l2 ascent + projection = l2-PGD (Madry et al. 2018, Sec. 2), sign step = FGSM
+          (Goodfellow et al. 2015); the ball radius eta*sqrt(d) and the absolute step follow the authors' released
+          code (cifar_adv_train.sh and its training loop).
+Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, experiments/robustness.py.
 Run: python attacks.py            (prints a tiny demo; full checks in tests/test_attacks.py)
 
-This file knows nothing about diffusion: `free_at` and `pgd` take a loss closure loss_of_delta(delta) -> (B,) that
-hides what the model is (a DDPM, an EDM denoiser, a consistency student).
+This file knows nothing about diffusion and never updates weights. The trainers (dpm_at.py, cm_at.py) run the
+free-AT loop themselves, weight update included, and hand delta's gradient to `l2_step` / `linf_step`; `pgd`
+takes a loss closure loss_fn(x) -> (B,) that hides what the model is.
 
 Symbols: perturbation -> delta, budget eta (RMS per coordinate) -> adv_budget, l2 radius -> radius,
-         step size alpha -> step_size, number of ascent steps K -> n_steps, d = elements per sample.
+         step size alpha -> step_size, number of ascent steps -> n_steps, d = elements per sample.
 Shapes: delta, grad are (B, ...) with any number of non-batch dims; radius / step_size are floats or tensors that
         broadcast per sample, e.g. (B, 1, 1, 1) (EDM-space radii differ per sample).
 """
@@ -26,12 +28,16 @@ def per_sample_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def l2_radius(adv_budget: float, d: int) -> float:
-    # SPEC §3.3 / released code: r = eta * sqrt(d), i.e. eta is an RMS-per-coordinate budget (T11: 0.1 -> 5.5426 at d=3072)
+    """Radius of the l2 ball: eta is an RMS-per-coordinate budget (eta = 0.1 -> 5.5426 at d = 3072)."""
+    # released code (docs/method.md §4.3): r = eta * sqrt(d)
     return adv_budget * math.sqrt(d)
 
 
 def step_length(alpha: float, d: int, step_scale: str) -> float:
-    """Length of one ascent step. `abs`: alpha itself (the authors' code); `sqrt_d`: alpha*sqrt(d), same units as eta."""
+    """Length of one ascent step: `abs` is alpha itself (the authors' code), `sqrt_d` is alpha*sqrt(d) (ours).
+
+    `sqrt_d` puts the step in the same units as the budget eta (docs/method.md §4.3).
+    """
     if step_scale == "abs":
         return alpha
     if step_scale == "sqrt_d":
@@ -40,16 +46,17 @@ def step_length(alpha: float, d: int, step_scale: str) -> float:
 
 
 def project_l2(delta: torch.Tensor, radius) -> torch.Tensor:
-    # SPEC §3.3: delta <- delta * min(1, r / max(||delta||, 1e-8))
+    """Per-sample projection onto the l2 ball of the given radius."""
+    # released code (docs/method.md §4.3): delta <- delta * min(1, r / max(||delta||, 1e-8))
     return delta * torch.clamp(radius / per_sample_norm(delta).clamp_min(1e-8), max=1.0)
 
 
 def l2_step(delta: torch.Tensor, grad: torch.Tensor, step_size, radius) -> torch.Tensor:
-    """One normalised-gradient ascent step, then projection onto the l2 ball (SPEC §3.3).
+    """One normalised-gradient ascent step, then projection onto the l2 ball (Madry et al. 2018, l2-PGD).
 
     A non-positive radius means "no projection", as in the released code (eta <= 0 skips it).
     """
-    # SPEC §3.3: delta <- delta + alpha * g / max(||g||, 1e-8)
+    # released code (docs/method.md §4.3): delta <- delta + alpha * g / max(||g||, 1e-8)
     delta = delta + step_size * grad / per_sample_norm(grad).clamp_min(1e-8)
     if isinstance(radius, (int, float)) and radius <= 0:
         return delta
@@ -57,11 +64,11 @@ def l2_step(delta: torch.Tensor, grad: torch.Tensor, step_size, radius) -> torch
 
 
 def linf_step(delta: torch.Tensor, grad: torch.Tensor, step_size, radius) -> torch.Tensor:
-    """The l-infinity counterpart: a sign step of step_size per coordinate, then clamp to [-radius, radius].
+    """The l-infinity counterpart (ours): a sign step of step_size per coordinate, then clamp to [-radius, radius].
 
     Here radius is a per-coordinate bound (the same units as eta), so there is no sqrt(d).
     """
-    # FGSM / PGD-linf: delta <- clip(delta + alpha * sign(g), -r, r)
+    # FGSM (Goodfellow et al. 2015) / PGD-linf: delta <- clip(delta + alpha * sign(g), -r, r)
     delta = delta + step_size * grad.sign()
     return torch.clamp(delta, -radius, radius)
 
@@ -69,61 +76,35 @@ def linf_step(delta: torch.Tensor, grad: torch.Tensor, step_size, radius) -> tor
 STEPS = {"l2": l2_step, "linf": linf_step}
 
 
-def free_at(loss_of_delta, like: torch.Tensor, opt: torch.optim.Optimizer, n_steps: int, norm: str, step_size,
-            radius, after_update=None):
-    """Efficient ("free") AT on one batch (SPEC §3.4 step 2; Shafahi et al. 2019 minibatch replay, delta reset to 0).
-
-    n_steps = K passes. Each pass: one forward/backward of loss_of_delta(delta).mean(), whose single backward gives
-    the weight gradient (applied by opt.step(), then after_update(), e.g. the EMA) AND the gradient w.r.t. delta
-    (used for the ascent step), both at the current weights. Pass 0 sees the clean input; the last delta is used once.
-    n_steps = 0 is standard training: one pass with delta = 0 and no input gradient.
-    Returns (loss of pass 0, loss of the last pass, last delta), detached, without a host sync.
-    """
-    n_pass = max(n_steps, 1)
-    delta = torch.zeros_like(like)
-    for k in range(n_pass):
-        ascend = k < n_pass - 1
-        delta.requires_grad_(ascend)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_of_delta(delta).mean()
-        # The "free" reuse: this one backward fills p.grad for the weight update AND delta.grad for the ascent.
-        loss.backward()
-        if k == 0:
-            clean_loss = loss.detach()
-        if ascend:
-            delta = STEPS[norm](delta.detach(), delta.grad, step_size, radius)
-        opt.step()
-        if after_update is not None:
-            after_update()
-    return clean_loss, loss.detach(), delta.detach()
+def random_perturbation(x: torch.Tensor, radius, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random direction on the l2 sphere of the given radius: r * xi / ||xi||, xi ~ N(0, I) (docs/method.md §6)."""
+    xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return radius * xi / per_sample_norm(xi)
 
 
 def pgd(loss_fn, x: torch.Tensor, radius, n_steps: int = 5, step_size=None, norm: str = "l2",
         generator: torch.Generator | None = None, random_start: bool = False) -> torch.Tensor:
-    """Maximise sum_i loss_fn(x + delta)_i over the ball with n_steps ascent steps (for evaluation, SPEC §5).
+    """Maximise sum_i loss_fn(x + delta)_i over the ball with n_steps ascent steps (PGD, Madry et al. 2018).
 
     loss_fn maps a (B, ...) input to a per-sample loss (B,). Returns delta (detached). Defaults: start at 0,
-    step 2.5 r / n_steps (SPEC §5, the usual PGD choice that lets the iterate cross the ball).
+    step 2.5 r / n_steps (the usual PGD rule of thumb, which lets the iterate cross the ball; docs/method.md §6).
+    random_start draws the start uniformly on the l2 sphere (or in the l-inf box).
     """
     step = STEPS[norm]
     if step_size is None:
         step_size = 2.5 * radius / n_steps
     delta = torch.zeros_like(x)
-    if random_start:
-        delta = random_perturbation(x, radius, generator) if norm == "l2" else \
-            (2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1) * radius
+    if random_start and norm == "l2":
+        delta = random_perturbation(x, radius, generator)
+    elif random_start:
+        delta = (2 * torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) - 1) * radius
     for _ in range(n_steps):
         delta.requires_grad_(True)
         with torch.enable_grad():
+            # gradient w.r.t. delta only: nothing here touches a weight's .grad
             (grad,) = torch.autograd.grad(loss_fn(x + delta).sum(), delta)
         delta = step(delta.detach(), grad, step_size, radius)
     return delta.detach()
-
-
-def random_perturbation(x: torch.Tensor, radius, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A random direction on the l2 sphere of the given radius: r * xi / ||xi||, xi ~ N(0, I) (SPEC §5 baseline)."""
-    xi = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return radius * xi / per_sample_norm(xi)
 
 
 def _demo() -> None:

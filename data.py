@@ -3,18 +3,19 @@
 Paper: Wang et al. 2025, arXiv:2502.17099v1; the experiments train unconditional models on CIFAR-10 32x32.
 Borrowed: random horizontal flips and the BOX-then-BICUBIC resize of image folders follow ADM's
           image_datasets.py (Dhariwal & Nichol 2021). The "shapes" set is ours: a tiny offline stand-in.
-Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, eval_fid.py, toy_experiment.py, robustness.py.
+Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, eval_fid.py (--ref cifar10), experiments/.
 Run: python data.py --dataset shapes --out grid.png   (full checks in tests/test_data.py)
 
 Symbols: clean data sample -> x0, a (B, 3, H, W) float32 batch in [-1, 1]
 
 We keep the whole dataset as one uint8 (N, 3, S, S) tensor (CIFAR-10 is 150 MB) so that it can sit on the
 GPU, and `random_batch` draws from it with a torch.Generator: no DataLoader, no worker processes.
-The 2-D point sets "ring" and "checkerboard" (densities known in closed form, for toy_experiment.py) are float32
-(N, 2) tensors instead; `random_batch` returns their rows as they are.
+The 2-D point sets "ring" and "checkerboard" (densities known in closed form, for experiments/toy_experiment.py)
+are float32 (N, 2) tensors instead; `random_batch` returns their rows as they are.
 """
 
 import argparse
+import contextlib
 import hashlib
 import math
 import os
@@ -53,29 +54,38 @@ def _md5(path: str) -> str:
     return md5.hexdigest()
 
 
+@contextlib.contextmanager
+def _atomic_file(path: str):
+    """A binary temp file beside path, renamed onto path if the block succeeds and deleted if it raises, so that a
+    crash or a failed check never leaves half a file under the final name."""
+    fd, tmp_path = tempfile.mkstemp(prefix=".part-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
 def _download(url: str, tar_path: str) -> None:
     """Stream url to a temp file beside tar_path, check its MD5, then rename it into place atomically."""
-    md5, tmp_path = hashlib.md5(usedforsecurity=False), ""
+    md5 = hashlib.md5(usedforsecurity=False)
     try:
         os.makedirs(os.path.dirname(tar_path), exist_ok=True)
-        fd, tmp_path = tempfile.mkstemp(prefix=".cifar-download-", suffix=".part", dir=os.path.dirname(tar_path))
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
+        with _atomic_file(tar_path) as f, urllib.request.urlopen(url, timeout=60) as response:
             total = int(response.headers.get("Content-Length", 0)) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10") as bar:
                 for chunk in iter(lambda: response.read(1 << 20), b""):
                     f.write(chunk)
                     md5.update(chunk)
                     bar.update(len(chunk))
-        if md5.hexdigest() != CIFAR10_MD5:
-            raise DatasetError(f"the file downloaded from {url} has MD5 {md5.hexdigest()}, expected "
-                               f"{CIFAR10_MD5}; it was deleted, try again")
-        os.replace(tmp_path, tar_path)
+            if md5.hexdigest() != CIFAR10_MD5:
+                raise DatasetError(f"the file downloaded from {url} has MD5 {md5.hexdigest()}, expected "
+                                   f"{CIFAR10_MD5}; it was deleted, try again")
     except (OSError, HTTPException) as e:  # URLError and socket timeouts are OSErrors
         raise DatasetError(f"could not download CIFAR-10 from {url} ({e}); put {CIFAR10_TARBALL} by hand at "
                            f"{os.path.abspath(tar_path)}, or use --dataset shapes, which works offline") from None
-    finally:
-        if tmp_path and os.path.exists(tmp_path):
-            os.remove(tmp_path)
 
 
 def _check_member(member: tarfile.TarInfo, tar_path: str) -> None:
@@ -352,18 +362,11 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None) ->
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise DatasetError(f"cannot write {path}: folder {folder} does not exist")
-    # Write to a temp file in the same folder, then rename, so a crash never leaves half a PNG behind
-    tmp_path = ""
     try:
-        fd, tmp_path = tempfile.mkstemp(prefix=".grid-", suffix=".png", dir=folder)
-        with os.fdopen(fd, "wb") as f:
+        with _atomic_file(path) as f:
             Image.fromarray(grid).save(f, format="PNG")
-        os.replace(tmp_path, path)
     except OSError as e:
         raise DatasetError(f"cannot write {path} ({e})") from None
-    finally:
-        if tmp_path and os.path.exists(tmp_path):
-            os.remove(tmp_path)
 
 
 # -----------------------------------------------------------------------------

@@ -1,26 +1,27 @@
 """Train a diffusion model (DPM) with efficient ("free") adversarial training on the noisy input x_t.
 
-Paper: Wang et al. 2025, arXiv:2502.17099v1; DRO over a ball around q(x_t) <=> AT on x_t (Sec. 3-4, the AT objective
-       Eq. (14)); efficient AT (Sec. 4): K ascent steps on delta, each reusing the backward pass of a weight update.
-Borrowed: DDPM (Ho et al. 2020) Alg. 1 and L_simple (Eq. 14 of DDPM); ADM / IDDPM CIFAR-10 recipe (Nichol & Dhariwal
-          2021); "free" AT minibatch replay (Shafahi et al. 2019, Alg. 1). Loop semantics follow the authors' released
-          code, see ../shared/SPEC.md §3.4. The input-perturbation baseline is DDPM-IP (Ning et al. 2023, Alg. 1).
-Uses: unet.py, data.py, sampler.py, attacks.py.     Used by: nothing (writes checkpoints that cm_at.py and
-      sampler.py read: the checkpoint dict, not this code, is the contract).
+Paper: Wang et al. 2025, arXiv:2502.17099v1: distributionally robust training over a ball around q(x_t) amounts to
+       adversarial training on x_t (Sec. 3-4; the AT objective, Eq. (14) in the reviews' numbering); its efficient
+       AT (Sec. 4) makes K ascent steps on delta per batch, each reusing the backward pass of a weight update.
+Borrowed: DDPM (Ho et al. 2020) Alg. 1 and L_simple; IDDPM (Nichol & Dhariwal 2021) learned variance, hybrid loss and
+          loss-aware t-sampling; EDM (Karras et al. 2022) Table 1 loss; free AT "minibatch replay" (Shafahi et al.
+          2019, Alg. 1); DDPM-IP (Ning et al. 2023, Alg. 1) as a baseline. The loop follows the authors' released
+          code (cifar_adv_train.sh); docs/method.md §2-§4 has the equations in the order the code runs them.
+Uses: unet.py, data.py, sampler.py, attacks.py.     Used by: nothing (its checkpoint file is what cm_at.py and
+      sampler.py read).
 
-    python dpm_at.py --dataset shapes                      # offline demo on a CPU: a grid every 200 steps
-    python dpm_at.py --dataset shapes --tiny --steps 20    # seconds: watch the loop run
-    python dpm_at.py --dataset ring --steps 3000           # 2-D toy (MLP), a scatter of samples every 1000 steps
-    python dpm_at.py --dataset cifar10 --adv-steps 0 --steps 250000 --out runs/c10_clean   # clean pre-training
-    python dpm_at.py --dataset cifar10 --init-from runs/c10_clean/ckpt.pt --out runs/c10_at # AT fine-tuning (paper)
-    torchrun --nproc_per_node=4 dpm_at.py --dataset cifar10 --init-from runs/c10_clean/ckpt.pt --out runs/c10_at
-                                                           # the same on 4 GPUs, 32 images each (the paper's run)
+    python dpm_at.py                                        # offline demo on a CPU (generated `shapes`): grids in runs/
+    python dpm_at.py --tiny                                 # about a minute on a CPU: watch the loop run
+    python dpm_at.py --dataset cifar10                      # the paper's run: 250K clean steps, then 200K AT batches
+    python dpm_at.py --dataset cifar10 --init-from runs/c10_clean/ckpt.pt   # AT fine-tuning of a clean model at once
+    torchrun --nproc_per_node=4 dpm_at.py --dataset cifar10                 # the same on 4 GPUs, 32 images each
 
 Symbols: x_0 -> x0, eps -> eps, alpha_bar_t -> alpha_bar, perturbation delta -> delta, K -> adv_steps,
          ascent step alpha -> adv_step_size, budget eta (RMS per coordinate, radius eta*sqrt(d)) -> adv_budget.
 """
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -38,90 +39,107 @@ import data
 import sampler
 import unet
 
-# Per-dataset defaults; explicit flags win. cifar10 = the authors' cifar_adv_train.sh (SPEC §1.7, §3.4): batch 128,
-# AdamW lr 1e-4, EMA 0.9999, 200K AT steps after 250K clean ones. shapes / tiny are ours [PROJECT]: small enough for
-# a 2-core CPU (~1.3 s per AT batch), with a larger lr and a short EMA so that grids show progress within minutes.
+# Per-dataset defaults; explicit flags win. cifar10 = the authors' cifar_adv_train.sh (docs/method.md §4.4): batch
+# 128, AdamW lr 1e-4, EMA 0.9999, clean training to 250K steps, then 200K AT batches. shapes and points are ours:
+# small enough for a 2-core CPU, with a larger lr and a short EMA so that the grids show progress within minutes.
 DATASET_DEFAULTS = {
-    "cifar10": dict(preset="cifar10", steps=200_000, batch_size=128, lr=1e-4, ema_decay=0.9999, learn_sigma=True,
-                    t_sampler="loss-second-moment", log_every=100, grid_every=5000, save_every=5000, num_grid=64),
-    "shapes": dict(preset="tiny", steps=2000, batch_size=16, lr=1e-3, ema_decay=0.99, learn_sigma=False,
+    "cifar10": dict(preset="cifar10", steps=450_000, at_start=250_000, batch_size=128, lr=1e-4, ema_decay=0.9999,
+                    learn_sigma=True, t_sampler="loss-second-moment", log_every=100, grid_every=5000,
+                    save_every=5000, num_grid=64),
+    "shapes": dict(preset="tiny", steps=2000, at_start=0, batch_size=16, lr=1e-3, ema_decay=0.99, learn_sigma=False,
                    t_sampler="uniform", log_every=20, grid_every=200, save_every=200, num_grid=64),
-    # [PROJECT] the 2-D point sets (data.POINT_SETS) train the MLP; "grids" are scatter images of num_grid samples
-    "points": dict(preset="mlp2d", steps=3000, batch_size=512, lr=1e-3, ema_decay=0.995, learn_sigma=False,
-                   t_sampler="uniform", log_every=100, grid_every=1000, save_every=1000, num_grid=5000),
+    # the 2-D point sets (data.POINT_SETS) train an MLP; their "grid" is a scatter image of num_grid samples
+    "points": dict(preset="mlp2d", steps=3000, at_start=0, batch_size=512, lr=1e-3, ema_decay=0.995,
+                   learn_sigma=False, t_sampler="uniform", log_every=100, grid_every=1000, save_every=1000,
+                   num_grid=5000),
 }
-# torch.compile's modes, for --compile-mode; the max-autotune ones also time candidate kernels (a longer compile)
-COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
-TINY = dict(preset="tiny", steps=20, batch_size=8, ema_decay=0.9, log_every=5, grid_every=10, save_every=10,
-            num_grid=16, num_shapes=512)
+TINY = dict(preset="tiny", steps=20, at_start=0, batch_size=8, ema_decay=0.9, log_every=5, grid_every=10,
+            save_every=10, num_grid=16, num_shapes=512)
+COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile's
 
 
 class UserError(Exception):
-    """Bad input; main prints the one-line message and exits 1."""
+    """Bad input; the command line prints the one-line message and exits 1."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("--dataset", default="shapes", help="cifar10 | shapes (offline, generated) | folder:PATH; default shapes")
+    a("--dataset", default="shapes", help="cifar10 | shapes (offline, generated) | ring | checkerboard (2-D) | "
+                                          "folder:PATH; default shapes")
     a("--data-dir", default="./data", help="where cifar-10-python.tar.gz lives or is downloaded; default ./data")
     a("--out", default=None, help="run directory; default runs/<dataset>_<at|std>")
-    a("--steps", type=int, default=None, help="data batches to train on (the step counter); cifar10: 200000")
-    a("--batch-size", type=int, default=None, help="images per batch, over all torchrun processes; cifar10: 128 "
-                                                   "(SPEC §1.7: 4 GPUs x 32)")
-    a("--lr", type=float, default=None, help="AdamW learning rate, constant; cifar10: 1e-4 (SPEC §1.7)")
-    a("--ema-decay", type=float, default=None, help="EMA decay per optimizer step; cifar10: 0.9999 (SPEC §1.7)")
-    a("--preset", default=None, choices=list(unet.PRESETS), help="network size (unet.PRESETS); cifar10: cifar10")
-    a("--dropout", type=float, default=None, help="dropout; default the preset's (cifar10: 0.3, SPEC §1.7)")
-    a("--loss", default="ddpm", choices=list(BATCHES), help="ddpm: eps-prediction on VP x_t (SPEC §1.2, the paper's "
-      "CIFAR-10 run); edm: EDM's preconditioned denoiser (SPEC §2.1); default ddpm")
-    a("--schedule", default="cosine", choices=["cosine", "linear"], help="VP beta schedule: cosine | linear (SPEC §1.1); default cosine")
+    a("--steps", type=int, default=None, help="data batches in all (the step counter); cifar10: 450000 "
+                                              "(200000 with --init-from)")
+    a("--at-start", type=int, default=None, help="step at which AT starts (clean training before); cifar10: 250000 "
+                                                 "(authors' recipe), 0 with --init-from or other data")
+    a("--batch-size", type=int, default=None, help="images per batch over all torchrun processes; cifar10: 128")
+    a("--lr", type=float, default=None, help="AdamW learning rate, constant; cifar10: 1e-4 (authors' script)")
+    a("--ema-decay", type=float, default=None, help="EMA decay per optimizer step; cifar10: 0.9999")
+    a("--preset", default=None, choices=list(unet.PRESETS), help="network (unet.PRESETS); cifar10: cifar10 (ADM)")
+    a("--dropout", type=float, default=None, help="dropout; default the preset's (cifar10: 0.3)")
+    a("--loss", default=None, choices=["ddpm", "edm"], help="ddpm: eps-prediction on VP x_t (DDPM Alg. 1, the "
+      "paper's CIFAR-10 run); edm: EDM's preconditioned denoiser (EDM Table 1); default ddpm")
+    a("--schedule", default=None, choices=["cosine", "linear"], help="VP beta schedule (IDDPM Sec. 3.2 / DDPM "
+                                                                     "Sec. 4); default cosine")
     a("--learn-sigma", default=None, action=argparse.BooleanOptionalAction,
-      help="ddpm: learned variance + hybrid loss (SPEC §1.2); default on for cifar10 (SPEC §1.7), else off")
+      help="ddpm: learned variance + hybrid loss (IDDPM Sec. 3.1); default on for cifar10, else off")
     a("--t-sampler", default=None, choices=["uniform", "loss-second-moment"],
-      help="ddpm timestep sampling (SPEC §1.2); cifar10: loss-second-moment (SPEC §1.7), else uniform")
-    a("--adv-steps", type=int, default=3, help="K inner passes per batch, each an optimizer step (SPEC §3.4); "
+      help="ddpm timestep sampling (IDDPM Sec. 3.3); cifar10: loss-second-moment, else uniform")
+    a("--adv-steps", type=int, default=3, help="K inner passes per batch, each an optimizer step (authors' code); "
                                                 "0 = standard training; default 3")
-    a("--adv-step-size", type=float, default=0.1, help="ascent step alpha (SPEC §3.3 adv_lr); default 0.1")
-    a("--adv-budget", type=float, default=0.1, help="eta: l2 radius eta*sqrt(d), or the l-inf bound (SPEC §3.3 "
-                                                    "adv_max_norm); default 0.1")
+    a("--adv-step-size", type=float, default=0.1, help="ascent step alpha (authors' adv_lr); default 0.1")
+    a("--adv-budget", type=float, default=0.1, help="eta: l2 radius eta*sqrt(d), or the l-inf bound (authors' "
+                                                    "adv_max_norm); <= 0: no projection; default 0.1")
     a("--adv-norm", default="l2", choices=["l2", "linf"], help="perturbation ball; default l2 (the released code)")
     a("--adv-step-scale", default="abs", choices=["abs", "sqrt_d"],
-      help="l2 step length alpha (abs, released code) or alpha*sqrt(d); default abs")
-    a("--adv-space", default="vp", choices=["vp", "raw"], help="edm: budget mapped from VP space, "
-      "r = eta sqrt(d) sqrt(1 + sigma^2) (vp), or taken as is in EDM space (raw) (SPEC §3.6); default vp")
-    a("--adv-target", default="delta_detach", choices=list(TARGETS),
-      help="regression target under perturbation (SPEC §3.2); default delta_detach (authors' CIFAR-10 script)")
+      help="l2 step length alpha (abs, released code) or alpha*sqrt(d); default abs (docs/method.md §4.3)")
+    a("--adv-space", default="vp", choices=["vp", "raw"], help="edm: delta is a VP-space perturbation mapped to "
+      "EDM space by sqrt(1 + sigma^2) (vp) or used as is (raw) (docs/method.md §4.5); default vp")
+    a("--adv-target", default="delta_detach", choices=["delta", "delta_detach", "original"],
+      help="regression target under perturbation (docs/method.md §4.2); default delta_detach (authors' script)")
     a("--input-perturbation", type=float, default=0.0, help="gamma of the DDPM-IP baseline (Ning et al. 2023, "
-      "Alg. 1): x_t built from eps + gamma*xi, target eps; ddpm loss only; 0 = off (default), the paper uses 0.1")
+      "Alg. 1): x_t built from eps + gamma*xi, target eps; ddpm only; 0 = off (default), that paper uses 0.1")
     a("--init-from", default=None, help="start from this checkpoint's weights (+EMA), fresh optimizer, step 0")
     a("--resume", default=None, help="continue a run from its checkpoint (weights, EMA, optimizer, step, RNG)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default cuda if available")
     a("--precision", default=None, choices=["bf16", "fp32"],
       help="bf16 autocast (default on CUDA; weights, optimizer, EMA and delta stay fp32) or fp32 (default on CPU)")
-    a("--compile", action="store_true", help="torch.compile the network for training (all K inner passes run "
-                                             "through it); costs a one-time compile of a minute or more")
+    a("--compile", action="store_true", help="torch.compile the network (a one-time compile of a minute or more)")
     a("--compile-mode", default=None, choices=COMPILE_MODES,
-      help="torch.compile mode with --compile; default reduce-overhead (CUDA graphs) on one GPU, default otherwise "
-           "(on an H200 reduce-overhead halved the compiled cifar10 step: README, Speed)")
+      help="with --compile; default reduce-overhead (CUDA graphs) on one GPU, else default")
     a("--seed", type=int, default=0, help="seeds init, data, t, eps, dropout and the grids; default 0")
     a("--num-shapes", type=int, default=None, help="size of the generated shapes set; default 10000 (--tiny: 512)")
     a("--log-every", type=int, default=None, help="steps between log lines / metrics.jsonl records")
     a("--grid-every", type=int, default=None, help="steps between PNG sample grids (EMA model, fixed seed)")
     a("--save-every", type=int, default=None, help="steps between checkpoints (ckpt.pt, written atomically)")
     a("--num-grid", type=int, default=None, help="images per grid")
-    a("--grid-steps", type=int, default=25, help="DDIM steps for the grids (respacing 'N', SPEC §1.3); default 25")
+    a("--grid-steps", type=int, default=25, help="DDIM (ddpm) or Euler (edm) steps for the grids; default 25")
     a("--tiny", action="store_true", help="tiny UNet, tiny data, few steps: see the loop run on a laptop CPU")
     a("--dry-run", action="store_true", help="print the resolved config and exit")
     return p.parse_args(argv)
 
 
+def adopt_checkpoint(args: argparse.Namespace, ckpt: dict, path: str) -> None:
+    """--resume / --init-from: the loss, schedule and network come from the checkpoint; a contradicting flag is an
+    error (one line), so that args.json records what was actually trained."""
+    saved = dict(loss=ckpt["loss"], schedule=ckpt["schedule"], preset=ckpt["args"].get("preset"),
+                 learn_sigma=ckpt["net"]["out_channels"] == 2 * ckpt["net"]["in_channels"])
+    for key, value in saved.items():
+        if getattr(args, key) is not None and getattr(args, key) != value:
+            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts {path}, which was trained "
+                            f"with {value}; drop the flag")
+        setattr(args, key, value)
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset flags from the dataset's defaults (then --tiny's); explicit flags always win."""
-    # folder:PATH trains with the cifar10 recipe
     family = "points" if args.dataset in data.POINT_SETS else "shapes" if args.dataset == "shapes" else "cifar10"
-    tiny = dict(TINY, preset="mlp2d") if family == "points" else TINY  # points keep their MLP under --tiny
-    defaults = dict(DATASET_DEFAULTS[family], **(tiny if args.tiny else {}))
+    defaults = dict(DATASET_DEFAULTS[family], **(TINY if args.tiny else {}), loss="ddpm", schedule="cosine")
+    if family == "points":
+        defaults["preset"] = "mlp2d"  # --tiny keeps the MLP
+    if args.init_from:  # fine-tuning a clean model: AT from the first batch, for the AT part of the schedule
+        defaults.update(steps=defaults["steps"] - defaults["at_start"], at_start=0)
     defaults.setdefault("num_shapes", 10000)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -132,49 +150,41 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for key in ("steps", "batch_size", "log_every", "grid_every", "save_every", "num_grid", "grid_steps"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.adv_steps < 0:
-        raise UserError(f"--adv-steps must be >= 0, got {args.adv_steps}")
+    if args.adv_steps < 0 or args.at_start < 0:
+        raise UserError(f"--adv-steps and --at-start must be >= 0, got {args.adv_steps} and {args.at_start}")
     if args.input_perturbation < 0 or (args.input_perturbation > 0 and args.loss != "ddpm"):
         raise UserError("--input-perturbation must be >= 0 and belongs to --loss ddpm (DDPM-IP is an eps-loss recipe)")
     if (family == "points") != (unet.PRESETS[args.preset].get("arch") == "mlp"):
         raise UserError(f"--preset {args.preset} does not fit --dataset {args.dataset} (2-D points need mlp2d)")
-    if args.precision is None:
-        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
-    if args.compile_mode is None:  # CUDA graphs replay the network's forward and backward; untested under torchrun
-        one_gpu = args.device.startswith("cuda") and int(os.environ.get("WORLD_SIZE", "1")) == 1
-        args.compile_mode = "reduce-overhead" if one_gpu else "default"
-    if args.loss == "edm" and (args.learn_sigma or args.t_sampler != "uniform"):
-        args.learn_sigma, args.t_sampler = False, "uniform"  # both belong to the VP/DDPM loss only
+    if args.loss == "edm":  # learned variance and the loss-aware t-sampler belong to the VP/DDPM loss only
+        args.learn_sigma, args.t_sampler = False, "uniform"
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    one_gpu = args.device.startswith("cuda") and "RANK" not in os.environ  # CUDA graphs: untested under torchrun
+    args.compile_mode = args.compile_mode or ("reduce-overhead" if one_gpu else "default")
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loss and its adversarial form
+# The losses at a perturbed input x_t + delta (docs/method.md §4.1-4.2)
 
 
-# SPEC §3.2: the noise consistent with (x_0, x_t + delta) is eps + delta/sqrt(1 - alpha_bar_t). The three targets
-# have the same value; they differ only in the gradient w.r.t. delta (parameter gradients are identical).
-TARGETS = {
-    "delta": lambda eps, delta, s: eps + delta / s,
-    "delta_detach": lambda eps, delta, s: eps + delta.detach() / s,
-    "original": lambda eps, delta, s: eps,
-}
-
-
-def ddpm_loss(net, x_t, t, eps, delta, alpha_bar, target: str = "delta_detach", x0=None) -> torch.Tensor:
-    """Per-sample AT loss (B,) at x_t + delta. SPEC §3.1 (the paper's Eq. (14) as we read it):
+def ddpm_loss(net, x0, x_t, t, eps, delta, alpha_bar, target: str = "delta_detach") -> torch.Tensor:
+    """Per-sample AT loss (B,) at x_t + delta (Wang et al. 2025, the AT objective; docs/method.md §4.1):
 
         l = mean || eps + delta / sqrt(1 - alpha_bar_t) - eps_theta(x_t + delta, t) ||^2
-    With delta = 0 this is DDPM's L_simple (Ho et al. 2020, Eq. 14). A learned-variance network ([eps, v] output)
-    adds IDDPM's L_vb (the "hybrid" loss, SPEC §1.2), which needs x0.
+    eps + delta/sqrt(1 - alpha_bar_t) is the noise that takes x0 to x_t + delta. With delta = 0 this is DDPM's
+    L_simple (Ho et al. 2020, Eq. 14). The targets `delta`, `delta_detach`, `original` have the same value or drop
+    the shift; they differ in the gradient w.r.t. delta. A learned-variance network ([eps, v] output) adds IDDPM's
+    L_vb (the hybrid loss, IDDPM Sec. 3.1).
     """
     s = sampler.expand((1 - alpha_bar.to(x_t.device)[t]).sqrt(), x_t)  # (B, 1, 1, 1)
     out = net(x_t + delta, t.to(x_t.dtype))
     eps_hat, v = out[:, : x_t.shape[1]], out[:, x_t.shape[1]:]
-    loss = (TARGETS[target](eps, delta, s) - eps_hat).pow(2).flatten(1).mean(1)
+    shift = {"delta": delta / s, "delta_detach": delta.detach() / s, "original": 0.0}[target]
+    loss = (eps + shift - eps_hat).pow(2).flatten(1).mean(1)
     if v.shape[1] == 0:
         return loss
-    # SPEC §3.2: the posterior is conditioned on x_t + delta (delta), sg(x_t + delta) (delta_detach) or x_t (original)
+    # the posterior is conditioned on x_t + delta (delta), sg(x_t + delta) (delta_detach) or x_t (original)
     x_cond = {"delta": x_t + delta, "delta_detach": (x_t + delta).detach(), "original": x_t}[target]
     # IDDPM Sec. 3.1: L_vb sees the mean through a frozen eps (it trains only the variance); weight T/1000 = 1
     return loss + vb_term(x0, x_cond, t, eps_hat.detach(), v, alpha_bar)
@@ -209,204 +219,148 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale) -> torch.Tensor:
     inv_std = (-log_scale).exp()
     cdf_plus, cdf_min = cdf(inv_std * (x - mean + 1 / 255)), cdf(inv_std * (x - mean - 1 / 255))
     # the outermost bins extend to -inf / +inf
-    log_probs = torch.where(x < -0.999, cdf_plus.clamp(min=1e-12).log(),
-                            torch.where(x > 0.999, (1 - cdf_min).clamp(min=1e-12).log(),
-                                        (cdf_plus - cdf_min).clamp(min=1e-12).log()))
-    return log_probs
+    return torch.where(x < -0.999, cdf_plus.clamp(min=1e-12).log(),
+                       torch.where(x > 0.999, (1 - cdf_min).clamp(min=1e-12).log(),
+                                   (cdf_plus - cdf_min).clamp(min=1e-12).log()))
 
 
-# SPEC §3.1-3.2 in EDM form: the target of D is y for every type; `delta_detach` adds (delta - sg delta) so that its
-# delta-gradient matches the eps-form's, and `original` asks D to return the perturbed point's own x_0 = y + delta.
-EDM_TARGETS = {
-    "delta": lambda y, delta: y,
-    "delta_detach": lambda y, delta: y + delta - delta.detach(),
-    "original": lambda y, delta: y + delta,
-}
+def edm_loss(net, x0, x_t, sigma, eps, delta, target: str = "delta_detach", sigma_data: float = 0.5,
+             adv_space: str = "vp") -> torch.Tensor:
+    """Per-sample EDM loss (B,) at x_t + delta_e, x_t = x0 + sigma*eps (EDM Eq. 2 and Table 1; docs/method.md §4.5):
 
-
-def edm_loss(net, x, sigma, y, delta, target: str = "delta_detach", sigma_data: float = 0.5) -> torch.Tensor:
-    """Per-sample EDM loss (B,) at x + delta, x = y + n, n ~ N(0, sigma^2 I) (EDM Eq. 2 and Table 1, SPEC §2.1):
-
-        l = lambda(sigma) * mean || D_theta(x + delta; sigma) - y ||^2,  lambda = (sigma^2 + sd^2) / (sigma sd)^2
+        l = lambda(sigma) * mean || D_theta(x_t + delta_e; sigma) - x0 ||^2,  lambda = (sigma^2 + sd^2) / (sigma sd)^2
+    delta is a VP-space perturbation: x_e = x_vp / sqrt(alpha_bar) maps it to delta_e = sqrt(1 + sigma^2) delta
+    (adv_space "vp", so one ball serves both losses), or delta_e = delta ("raw").
     """
-    weight = sampler.expand((sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2, x)  # EDM Table 1: lambda(sigma)
-    D_x = sampler.edm_denoiser(net, sigma_data)(x + delta, sigma)
-    return (weight * (D_x - EDM_TARGETS[target](y, delta)) ** 2).flatten(1).mean(1)
+    weight = sampler.expand((sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2, x_t)  # EDM Table 1: lambda
+    delta_e = sampler.expand((1 + sigma**2).sqrt(), x_t) * delta if adv_space == "vp" else delta
+    D_x = sampler.edm_denoiser(net, sigma_data)(x_t + delta_e, sigma)
+    # the target is x0 for every type; delta_detach adds (delta_e - sg delta_e), whose delta-gradient matches the
+    # eps form's; original asks D for the perturbed point's own x_0 = x0 + delta_e
+    shifted = {"delta": x0, "delta_detach": x0 + delta_e - delta_e.detach(), "original": x0 + delta_e}[target]
+    return (weight * (D_x - shifted) ** 2).flatten(1).mean(1)
 
 
-def ddpm_batch(net, x0, alpha_bar, args, generator, t_state):
-    """Draw t and eps once for the batch (SPEC §3.4 step 1); return (loss closure over delta, x_t, scale 1).
-
-    With args.input_perturbation = gamma > 0 this is DDPM-IP (Ning et al. 2023, Alg. 1): x_t is built from the
-    noise eps + gamma*xi but the regression target stays eps.
-    """
-    B, rows = global_rows(x0.shape[0])  # draw for the global batch, keep this rank's rows
-    t, weight = sample_t(t_state, B, alpha_bar.shape[0], generator, x0.device, rows)
-    eps = torch.randn((B, *x0.shape[1:]), generator=generator, device=x0.device)[rows]
-    if args.input_perturbation > 0:
-        # DDPM-IP, Alg. 1 line 5: y = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) (eps + gamma xi), xi ~ N(0, I)
-        xi = torch.randn((B, *x0.shape[1:]), generator=generator, device=x0.device)[rows]
-        x_t = sampler.q_sample(x0, t, eps + args.input_perturbation * xi, alpha_bar)
-    else:
-        x_t = sampler.q_sample(x0, t, eps, alpha_bar)
-    first = []
-
-    def loss_of_delta(delta):
-        loss = ddpm_loss(net, x_t, t, eps, delta, alpha_bar, args.adv_target, x0)
-        if t_state is not None and not first:  # IDDPM: the t-sampler learns from the clean pass's losses
-            first.append(update_t_history(t_state, gather_rows(t), gather_rows(loss.detach())))
-        return weight * loss
-
-    return loss_of_delta, x_t, 1.0
+# ----------------------------------------------------------------------------------------------------------------
+# Drawing the noise level and the noise (docs/method.md §2.6, §3.1)
 
 
-def edm_batch(net, x0, alpha_bar, args, generator, t_state):
-    """Draw sigma and n once (SPEC §3.4 step 1 in EDM form); scale = sqrt(1 + sigma^2) maps the VP budget (§3.6)."""
-    # EDM Table 1 (training): ln sigma ~ N(P_mean, P_std^2), P_mean = -1.2, P_std = 1.2
-    B, rows = global_rows(x0.shape[0])  # draw for the global batch, keep this rank's rows
-    sigma = (torch.randn(B, generator=generator, device=x0.device)[rows] * 1.2 - 1.2).exp()
-    x = x0 + sampler.expand(sigma, x0) * torch.randn((B, *x0.shape[1:]), generator=generator, device=x0.device)[rows]
-    # SPEC §2.2 / §3.6: a VP perturbation delta_vp is delta_e = sqrt(1 + sigma^2) delta_vp in EDM space
-    scale = sampler.expand((1 + sigma**2).sqrt(), x0) if args.adv_space == "vp" else 1.0
-    return (lambda delta: edm_loss(net, x, sigma, x0, delta, args.adv_target)), x, scale
+def ddpm_noise(x0, generator, alpha_bar, t_state=None, input_perturbation: float = 0.0):
+    """t (uniform, or IDDPM's loss-aware sampler) and eps ~ N(0, I); x_t = sqrt(ab) x0 + sqrt(1 - ab) eps (DDPM
+    Eq. 4). Returns (x_t, t, eps, weight): weight = 1/(T p_t) importance weights, 1.0 for uniform t.
+    DDPM-IP (Ning et al. 2023, Alg. 1 line 5) builds x_t from eps + gamma*xi but keeps eps as the target."""
+    t, weight = sample_t(t_state, x0.shape[0], alpha_bar.shape[0], generator, x0.device)
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+    noise = eps
+    if input_perturbation > 0:
+        noise = eps + input_perturbation * torch.randn(x0.shape, generator=generator, device=x0.device)
+    return sampler.q_sample(x0, t, noise, alpha_bar), t, eps, weight
 
 
-BATCHES = {"ddpm": ddpm_batch, "edm": edm_batch}
+def edm_noise(x0, generator):
+    """EDM Table 1 (training): ln sigma ~ N(P_mean = -1.2, P_std = 1.2^2), x_t = x0 + sigma*eps.
+    Returns (x_t, sigma, eps, weight 1.0)."""
+    sigma = (torch.randn(x0.shape[0], generator=generator, device=x0.device) * 1.2 - 1.2).exp()
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device)
+    return x0 + sampler.expand(sigma, x0) * eps, sigma, eps, 1.0
 
 
-def sample_t(t_state, batch_size: int, T: int, generator, device, rows=slice(None)):
-    """t ~ uniform, or IDDPM's loss-second-moment importance sampling with weights 1/(T p_t) (SPEC §1.2).
-    Draws batch_size values and returns the given rows of them (this rank's share under torchrun)."""
+def make_t_state(T: int, device) -> dict:
+    """IDDPM's loss-second-moment history: the last 10 losses of every t, and how many losses each t has seen."""
+    return dict(history=torch.zeros(T, 10, device=device), count=torch.zeros(T, dtype=torch.long, device=device))
+
+
+def sample_t(t_state, batch_size: int, T: int, generator, device):
+    """t ~ U{0..T-1}, or IDDPM's loss-second-moment importance sampling with weights 1/(T p_t) (IDDPM Sec. 3.3)."""
     if t_state is None:
-        return torch.randint(0, T, (batch_size,), generator=generator, device=device)[rows], 1.0
+        return torch.randint(0, T, (batch_size,), generator=generator, device=device), 1.0
     # IDDPM Sec. 3.3: p_t ~ sqrt(E[L_t^2]) over the last 10 losses, mixed with 0.1% uniform; uniform until warm
     p = (t_state["history"] ** 2).mean(1).sqrt()
     p = 0.999 * p / p.sum().clamp_min(1e-30) + 0.001 / T
     p = torch.where((t_state["count"] >= 10).all(), p, torch.full_like(p, 1 / T))
-    t = torch.multinomial(p, batch_size, replacement=True, generator=generator)[rows]
+    t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
     return t, 1 / (T * p[t])
 
 
 def update_t_history(t_state, t, losses) -> None:
-    """Ring buffer of the last 10 losses per t, on the device (no sync). Deviation: when one t appears twice in a
-    batch only one of its losses is kept (IDDPM loops over samples in Python and keeps both)."""
-    slot = t_state["count"][t] % 10
-    t_state["history"][t, slot] = losses.to(t_state["history"].dtype)
+    """Record each sample's loss under its t, in batch order, as IDDPM's per-sample loop does, with no host sync.
+
+    A t that occurs n times in the batch fills n consecutive ring slots; if n > 10 only its last 10 losses stay."""
+    T = t_state["count"].shape[0]
+    same = t[:, None] == t[None, :]  # (B, B)
+    earlier, later = same.tril(-1).sum(1), same.triu(1).sum(1)  # occurrences of t_i before / after sample i
+    slot = (t_state["count"][t] + earlier) % 10
+    row = torch.where(later < 10, t, T)  # overwritten within this batch: park in a spare row, dropped below
+    history = torch.cat([t_state["history"], t_state["history"][:1]])
+    history[row, slot] = losses.to(history.dtype)
+    t_state["history"].copy_(history[:T])
     t_state["count"].index_add_(0, t, torch.ones_like(t))
 
 
+def make_losses(loss: str, alpha_bar, generator, *, t_state=None, adv_target: str = "delta_detach",
+                adv_space: str = "vp", input_perturbation: float = 0.0):
+    """The run's (noise_fn, loss_fn) pair for train_step, chosen once: "ddpm" (eps on VP x_t) or "edm"."""
+    if loss == "edm":
+        return (functools.partial(edm_noise, generator=generator),
+                functools.partial(edm_loss, target=adv_target, adv_space=adv_space))
+    return (functools.partial(ddpm_noise, generator=generator, alpha_bar=alpha_bar, t_state=t_state,
+                              input_perturbation=input_perturbation),
+            functools.partial(ddpm_loss, alpha_bar=alpha_bar, target=adv_target))
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# Several processes (torchrun): PyTorch's DistributedDataParallel. Every rank draws the randomness of the whole
-# global batch from the same seeded generator and keeps its own rows, so the ranks' samples never repeat each
-# other, a 2-process run equals a 1-process run over the same global batch (up to the all-reduce's summation order),
-# and the generator state in a checkpoint is the same on every rank (resume with any number of processes).
-# Deviation: dropout masks are drawn per rank, so with dropout > 0 they differ from the 1-process run's.
-
-
-# same as in cm_at.py: keep in sync
-def setup_distributed(args) -> tuple[int, int]:
-    """Under torchrun (WORLD_SIZE > 1): the process group from the environment (NCCL on GPU, gloo on CPU) and this
-    rank's device. Returns (rank, world size); (0, 1) and no process group in a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    # checked before any collective, on every rank, so that every rank exits with the message and none waits
-    if args.batch_size % world:
-        raise UserError(f"--batch-size {args.batch_size} is the global batch and must be divisible by the "
-                        f"{world} processes")
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    return dist.get_rank(), world
-
-
-# same as in cm_at.py: keep in sync
-def global_rows(b: int) -> tuple[int, slice]:
-    """(global batch size, this rank's rows of it) for a local batch of b; (b, all rows) in a single process."""
-    if not dist.is_initialized():
-        return b, slice(None)
-    rank = dist.get_rank()
-    return b * dist.get_world_size(), slice(rank * b, (rank + 1) * b)
-
-
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """The global batch's (B, ...) tensor from every rank's rows, in rank order (x itself in a single process)."""
-    if not dist.is_initialized():
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
-# same as in cm_at.py: keep in sync
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank when flag is true on any rank (a Ctrl-C seen by one process stops all of them)."""
-    if not dist.is_initialized():
-        return flag
-    flag = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def fast_path(net, args):
-    """The one-GPU fast path, off on CPU: TF32, cuDNN autotuning, channels_last, fused AdamW, optional torch.compile.
-
-    Returns (network to train through: DDP-wrapped under torchrun, optimizer, autocast context for the K passes).
-    """
-    on_gpu = torch.device(args.device).type == "cuda"
-    if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # shapes are fixed: cuDNN times its conv algorithms once per shape
-        net.to(memory_format=torch.channels_last)
-    # SPEC §1.7: AdamW, weight decay 0, constant lr; the fused kernel updates all tensors in a few launches
-    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0, fused=on_gpu)
-    train_net = net
-    if dist.is_initialized():  # averages the weight gradients over ranks; delta.grad stays local (per sample)
-        train_net = DistributedDataParallel(net, device_ids=[torch.device(args.device)] if on_gpu else None)
-    train_net = torch.compile(train_net, mode=args.compile_mode) if args.compile else train_net
-    autocast = torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
-    return train_net, opt, autocast
-
-
-def to_input_layout(x0, args):
-    """channels_last on CUDA (what the convolutions prefer), unchanged on CPU."""
-    return x0.contiguous(memory_format=torch.channels_last) if args.device.startswith("cuda") else x0
+# The algorithm: one data batch of efficient adversarial training
 
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    # SPEC §1.7: theta_ema <- decay * theta_ema + (1 - decay) * theta, after every optimizer step
+    # theta_ema <- decay * theta_ema + (1 - decay) * theta, after every optimizer step (authors' code)
     torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
 
 
-def free_at_step(net, ema, opt, loss_of_delta, x_noisy, args, d: int, scale=1.0):
-    """SPEC §3.4 step 2 with this run's budget: K passes of attacks.free_at, each followed by an EMA update.
+def train_step(net, ema, opt, x0, noise_fn, loss_fn, *, adv_steps: int = 3, adv_step_size: float = 0.1,
+               adv_budget: float = 0.1, adv_norm: str = "l2", adv_step_scale: str = "abs", ema_decay: float = 0.9999,
+               t_state=None):
+    """One data batch of free AT (Wang et al. 2025, Sec. 4, as the authors' code runs it; docs/method.md §4.4).
 
-    scale multiplies the radius and the step (EDM space, SPEC §3.6). Returns (clean loss, last-pass loss, mean
-    ||delta||) as tensors, without a host sync.
+    noise_fn(x0) -> (x_t, level, eps, weight) and loss_fn(net, x0, x_t, level, eps, delta) -> (B,) come from
+    make_losses. adv_steps = K passes, each one optimizer step; K = 0 is standard training (one pass, delta = 0).
+    Returns (clean loss, last pass's loss, mean ||delta||) as 0-dim tensors, without a host sync.
     """
-    if args.adv_norm == "l2":
-        # SPEC §3.3: radius eta*sqrt(d); step alpha (abs) or alpha*sqrt(d)
-        # eta <= 0 means "no projection" (attacks.l2_step); keep it a plain 0 even when scale is a tensor
-        radius = attacks.l2_radius(args.adv_budget, d) * scale if args.adv_budget > 0 else 0.0
-        step_size = attacks.step_length(args.adv_step_size, d, args.adv_step_scale) * scale
-    else:
-        radius, step_size = args.adv_budget * scale, args.adv_step_size * scale
-    clean, last, delta = attacks.free_at(loss_of_delta, x_noisy, opt, args.adv_steps, args.adv_norm, step_size,
-                                         radius, after_update=lambda: update_ema(ema, net, args.ema_decay))
-    return clean, last, attacks.per_sample_norm(delta).mean()
-
-
-def train_step(net, ema, opt, x0, alpha_bar, args, generator, t_state=None):
-    """One data batch in the paper's order: sample t (or sigma) and the noise, build x_t, then K free-AT passes."""
-    loss_of_delta, x_noisy, scale = BATCHES[args.loss](net, x0, alpha_bar, args, generator, t_state)
-    return free_at_step(net, ema, opt, loss_of_delta, x_noisy, args, x0[0].numel(), scale)
+    # 1. Draw t (or sigma) and the noise once; x0, t, eps and x_t stay fixed for all K passes.
+    x_t, level, eps, weight = noise_fn(x0)
+    # 2. The ball: radius eta*sqrt(d) (l2) or eta per coordinate (linf); the released step is alpha, not scaled.
+    d = x0[0].numel()
+    radius = attacks.l2_radius(adv_budget, d) if adv_norm == "l2" else adv_budget
+    step_size = attacks.step_length(adv_step_size, d, adv_step_scale) if adv_norm == "l2" else adv_step_size
+    delta = torch.zeros_like(x_t)  # delta starts at 0 on every batch: pass 0 sees the clean x_t
+    n_pass = max(adv_steps, 1)
+    for k in range(n_pass):
+        ascend = k < n_pass - 1  # the last delta is used once, never updated
+        delta.requires_grad_(ascend)
+        opt.zero_grad(set_to_none=True)
+        # 3. Forward at x_t + delta (dropout active: a fresh mask on every pass).
+        losses = loss_fn(net, x0, x_t, level, eps, delta)  # (B,)
+        loss = (weight * losses).mean()
+        # 4. The "free" reuse (Shafahi et al. 2019): this ONE backward gives both the weight gradient (p.grad) and the
+        #    gradient w.r.t. delta (delta.grad), both at the current weights.
+        loss.backward()
+        if t_state is not None:  # IDDPM's t-sampler learns from every pass's losses, as the authors' loop feeds it
+            update_t_history(t_state, level, losses.detach())
+        if k == 0:
+            clean_loss = loss.detach()
+        # 5. Inner max: one normalised ascent step on delta, then projection onto the ball (PGD, Madry et al. 2018).
+        if ascend:
+            step = attacks.l2_step if adv_norm == "l2" else attacks.linf_step
+            delta = step(delta.detach(), delta.grad, step_size, radius)
+        # 6. Outer min: one optimizer step with the weight gradient of this same backward, then the EMA.
+        opt.step()
+        update_ema(ema, net, ema_decay)
+    return clean_loss, loss.detach(), attacks.per_sample_norm(delta.detach()).mean()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: one torch.save of plain dicts and tensors, read back with weights_only=True
+# Checkpoints (one torch.save of plain dicts and tensors, read back with weights_only=True), grids, GPU fast path
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -417,6 +371,7 @@ def save_checkpoint(path: str, state: dict) -> None:
 
 
 def load_checkpoint(path: str) -> dict:
+    """A dpm_at.py checkpoint, else a one-line UserError."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -429,138 +384,184 @@ def load_checkpoint(path: str) -> dict:
 
 
 @torch.no_grad()
-def save_grid(ema, alpha_bar, args, path: str, shape) -> None:
-    """EMA samples from a fixed seed (so grids of one run are comparable): DDIM (ddpm) or Euler (edm), sampler.py."""
-    g = torch.Generator(device=args.device).manual_seed(args.seed + 1)
-    z = torch.randn((args.num_grid, *shape), generator=g, device=args.device)
-    if args.loss == "edm":  # EDM's own deterministic sampler (SPEC §2.4), Euler to keep grids cheap
-        sigmas = sampler.karras_sigmas(args.grid_steps).to(args.device)
+def save_grid(ema, alpha_bar, loss: str, path: str, shape, num: int, steps: int, seed: int) -> None:
+    """EMA samples from a fixed seed, so that the grids of one run are comparable: DDIM (ddpm) or Euler (edm)."""
+    device = next(ema.parameters()).device
+    z = torch.randn((num, *shape), generator=torch.Generator(device=device).manual_seed(seed + 1), device=device)
+    if loss == "edm":  # EDM's deterministic sampler (EDM Alg. 1), Euler to keep grids cheap
+        sigmas = sampler.karras_sigmas(steps).to(device)
         x = sampler.edm_sample(sampler.edm_denoiser(ema), sigmas[0] * z, sigmas, heun=False).clamp(-1, 1)
     else:
-        x = sampler.ddim_sample(sampler.vp_denoiser(ema, alpha_bar), z, alpha_bar, sampler.respace(str(args.grid_steps)))
-    if x.dim() == 2:  # 2-D points: one scatter image of all samples
-        data.save_scatter(x, path)
-    else:
-        data.save_image_grid(x.cpu(), path)
+        x = sampler.ddim_sample(sampler.vp_denoiser(ema, alpha_bar), z, alpha_bar, sampler.respace(str(steps)))
+    (data.save_scatter if x.dim() == 2 else data.save_image_grid)(x.cpu(), path)
+
+
+def fast_path(net, device: str, lr: float, compile_mode: str | None = None):
+    """The one-GPU fast path, off on CPU: TF32, cuDNN autotuning, channels_last, fused AdamW, optional torch.compile.
+    Returns (network to train through, AdamW optimizer)."""
+    on_gpu = torch.device(device).type == "cuda"
+    if on_gpu:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its conv algorithms once per shape
+        net.to(memory_format=torch.channels_last)
+    # authors' script: AdamW, weight decay 0, constant lr; the fused kernel updates all tensors in a few launches
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=0.0, fused=on_gpu)
+    return (torch.compile(net, mode=compile_mode) if compile_mode else net), opt
+
+
+def cuda_rng(device: str):
+    """The GPU's RNG state (it draws the dropout masks there), saved so that a resumed run continues exactly."""
+    return torch.cuda.get_rng_state(device) if "cuda" in device else None
+
+
+def setup_ddp(args) -> tuple[int, int]:
+    """torchrun, the nanoGPT way: one process per GPU (gloo on CPU), each with its own seed and local batch.
+    Returns (rank, world size); (0, 1) without torchrun.
+    Deviation: the loss-second-moment t-sampler keeps one history per process, fed by its own samples (IDDPM
+    gathers every process's losses); each history still sees a uniform share of the data."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    world = int(os.environ["WORLD_SIZE"])
+    if args.batch_size % world:  # checked on every rank before any collective, so that none waits
+        raise UserError(f"--batch-size {args.batch_size} is the global batch: it must divide by {world} processes")
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    return dist.get_rank(), world
+
+
+def ddp_any(flag: bool, device) -> bool:
+    """True on every process if it is true on any (a Ctrl-C seen by one process stops them all)."""
+    flag = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def main(args: argparse.Namespace) -> None:
+    source_path = args.resume or args.init_from
+    source = load_checkpoint(source_path) if source_path else None  # validated before anything is written
+    if source:
+        adopt_checkpoint(args, source, source_path)
     args = resolve_args(args)
-    if args.dry_run:
-        print(json.dumps(vars(args), indent=1))
-        return
-    rank, world = setup_distributed(args)
-    say = print if rank == 0 else lambda *a, **k: None  # rank 0 alone prints and writes files
-    say(json.dumps(vars(args), indent=1))
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume is None and os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume {ckpt_path} to continue it, or choose another --out")
-    resumed = load_checkpoint(args.resume) if args.resume else None
-    init = load_checkpoint(args.init_from) if args.init_from else None
-    if rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "args.json"), "w") as f:
-            json.dump(vars(args), f, indent=1)
-
-    torch.manual_seed(args.seed)  # init weights and dropout masks
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)  # data, t, eps
+    print(json.dumps(vars(args), indent=1))
+    if args.dry_run:
+        return
+    rank, world = setup_ddp(args)
+    torch.manual_seed(args.seed + rank)  # init weights (overwritten from rank 0 by DDP) and dropout masks
+    generator = torch.Generator(device=args.device).manual_seed(args.seed + rank)  # data, t, eps: per process
     images = data.load_dataset(args.dataset, args.data_dir, seed=args.seed, num_shapes=args.num_shapes)
     images = images.to(args.device)  # uint8; CIFAR-10 is 150 MB, so it can sit on the GPU
-
-    source = resumed or init
-    if source:  # the network, loss and schedule of a resumed / initialising run come from its checkpoint
-        args.loss = source["loss"]
-    net_config = source["net"] if source else unet.preset_config(args.preset, args.learn_sigma, None, images.shape[1],
-                                                                 images.shape[-1])  # points: in_channels = d
-    if args.dropout is not None:
-        net_config["dropout"] = args.dropout
-    schedule = source["schedule"] if source else args.schedule
+    net_config = source["net"] if source else unet.preset_config(args.preset, args.learn_sigma, None,
+                                                                 images.shape[1], images.shape[-1])
+    net_config.update({} if args.dropout is None else dict(dropout=args.dropout))
     net = unet.build_from_config(net_config).to(args.device)
+    train_net, opt = fast_path(net, args.device, args.lr, args.compile_mode if args.compile else None)
+    if world > 1:  # copies rank 0's weights to all; averages weight gradients; delta.grad stays local (per sample)
+        train_net = DistributedDataParallel(train_net, device_ids=[args.device] if "cuda" in args.device else None)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    train_net, opt, autocast = fast_path(net, args)
-    if args.compile:
-        say("--compile: the first steps compile the network (a minute or more), later steps are faster")
-    alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta(schedule)).to(args.device)
-    # IDDPM's loss-second-moment history: the last 10 losses per t, and how many were seen
-    t_state = dict(history=torch.zeros(alpha_bar.shape[0], 10, device=args.device),
-                   count=torch.zeros(alpha_bar.shape[0], dtype=torch.long, device=args.device)) \
-        if args.loss == "ddpm" and args.t_sampler == "loss-second-moment" else None
-    step = 0
-    if source:
-        net.load_state_dict(source["model"])
-        ema.load_state_dict(source["ema"] if "ema" in source else source["model"])
-    if resumed:
-        opt.load_state_dict(resumed["opt"])
-        for group in opt.param_groups:
-            group["lr"] = args.lr
-        step = resumed["step"]
-        if t_state is not None and resumed.get("t_state"):
-            t_state = {k: v.to(args.device) for k, v in resumed["t_state"].items()}
-        torch.set_rng_state(resumed["rng_cpu"])
-        generator.set_state(resumed["rng_gen"])
-    say(f"{type(net).__name__} {unet.count_parameters(net) / 1e6:.2f}M parameters; data {tuple(images.shape)}; "
-        f"{'AT K=' + str(args.adv_steps) if args.adv_steps else 'standard training'}; from step {step}"
-        + (f"; {world} processes x {args.batch_size // world} images" if world > 1 else ""))
+    autocast = torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.precision == "bf16")
+    alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta(args.schedule)).to(args.device)
+    t_state = make_t_state(len(alpha_bar), args.device) if args.loss == "ddpm" and \
+        args.t_sampler == "loss-second-moment" else None
+    step = load_state(source, args, net, ema, opt, generator, t_state, rank)
+    noise_fn, loss_fn = make_losses(args.loss, alpha_bar, generator, t_state=t_state, adv_target=args.adv_target,
+                                    adv_space=args.adv_space, input_perturbation=args.input_perturbation)
+    at = dict(adv_step_size=args.adv_step_size, adv_budget=args.adv_budget, adv_norm=args.adv_norm,
+              adv_step_scale=args.adv_step_scale, ema_decay=args.ema_decay, t_state=t_state)
+    log = Logger(args, rank, step)
+    log.say(f"{unet.count_parameters(net) / 1e6:.2f}M parameters; data {tuple(images.shape)}; AT K={args.adv_steps} "
+            f"from step {args.at_start}; starting at step {step}; {world} process(es); outputs in {args.out}/")
+    stop = []  # Ctrl-C: finish the batch, save, exit; a second Ctrl-C stops at once
+    signal.signal(signal.SIGINT, lambda *a: signal.default_int_handler(*a) if stop else stop.append(1))
+    for step in tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, disable=rank > 0):
+        x0 = data.random_batch(images, args.batch_size // world, generator)
+        x0 = x0.contiguous(memory_format=torch.channels_last) if "cuda" in args.device and x0.dim() == 4 else x0
+        if step == args.at_start + 1 and args.at_start > 0 and args.adv_steps > 0:  # AT starts from the clean
+            opt.state.clear()  # model with a fresh AdamW state, as the authors' fine-tuning script does
+        with autocast:
+            log.add(train_step(train_net.train(), ema, opt, x0, noise_fn, loss_fn, **at,
+                               adv_steps=args.adv_steps if step > args.at_start else 0))
+        if world > 1 and step % args.log_every == 0 and ddp_any(bool(stop), args.device):
+            stop = stop or [1]  # under torchrun a Ctrl-C takes effect at the next log step, on every process
+        if step % args.log_every == 0 or step == args.steps or stop:
+            log.write(step, opt.param_groups[0]["lr"])  # one host sync; stops on a non-finite loss
+        if rank == 0 and (step % args.grid_every == 0 or step == args.steps):
+            save_grid(ema, alpha_bar, args.loss, os.path.join(args.out, f"grid_{step:07d}.png"), images.shape[1:],
+                      args.num_grid, args.grid_steps, args.seed)
+        if rank == 0 and (step % args.save_every == 0 or step == args.steps or stop):
+            save_checkpoint(ckpt_path, dict(format="adv-diffusion/1", kind="dpm", loss=args.loss, net=net_config,
+                                            schedule=args.schedule, sigma_data=0.5, t_state=t_state,
+                                            model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                                            step=step, args=vars(args), rng_cpu=torch.get_rng_state(),
+                                            rng_gen=generator.get_state(), rng_cuda=cuda_rng(args.device)))
+        if stop:
+            log.say(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume {ckpt_path}")
+            sys.exit(130)
+    log.say(f"done: {ckpt_path} (step {args.steps})")
 
-    def checkpoint(path=ckpt_path):
-        if rank > 0:  # every rank holds the same state; rank 0 writes it while the others wait
-            return dist.barrier()
-        save_checkpoint(path, dict(format="adv-diffusion/1", kind="dpm", loss=args.loss, net=net_config,
-                                   schedule=schedule, sigma_data=0.5, t_state=t_state, model=net.state_dict(),
-                                   ema=ema.state_dict(),
-                                   opt=opt.state_dict(), step=step, args=vars(args), rng_cpu=torch.get_rng_state(),
-                                   rng_gen=generator.get_state()))
-        if world > 1:
-            dist.barrier()
 
-    # Ctrl-C: finish the current batch, save, exit. A second Ctrl-C stops at once.
-    stop = []
-    previous_handler = signal.signal(signal.SIGINT, lambda *a: signal.default_int_handler(*a) if stop else stop.append(1))
-    sums, t_last, step_last = torch.zeros(3, device=args.device), time.time(), step
-    bar = tqdm(range(step, args.steps), initial=step, total=args.steps, dynamic_ncols=True, disable=rank > 0)
-    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if rank == 0 else None
-    rows = global_rows(args.batch_size // world)[1]
-    try:
-        for step in bar:
-            x0 = to_input_layout(data.random_batch(images, args.batch_size, generator)[rows], args)
-            net.train()
-            with autocast:
-                sums += torch.stack(train_step(train_net, ema, opt, x0, alpha_bar, args, generator, t_state))
-            step += 1  # counts finished batches (SPEC §3.4: K optimizer steps per batch, one step count)
-            log, save, grid = (step % n == 0 or step == args.steps
-                               for n in (args.log_every, args.save_every, args.grid_every))
-            # a Ctrl-C that reached one process stops all of them after this same step
-            if world > 1 and any_rank(bool(stop), args.device) and not stop:
-                stop.append(1)
-            if (log or save or grid or stop) and world > 1:  # the global batch's mean, so all ranks agree below
-                dist.all_reduce(sums)
-                sums /= world
-            if (log or save or grid or stop) and not torch.isfinite(sums).all():  # one host sync per interval
-                raise UserError(f"loss is not finite by step {step}; stopped. Last good checkpoint: {ckpt_path}")
-            if log:
-                n, dt = step - step_last, time.time() - t_last
-                loss, adv_loss, delta_norm = (sums / n).tolist()
-                rec = dict(step=step, loss=loss, adv_loss=adv_loss, delta_norm=delta_norm, lr=args.lr,
-                           img_per_s=n * args.batch_size / dt, sec_per_step=dt / n)
-                if rank == 0:
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
-                bar.set_postfix(loss=f"{loss:.4f}", adv=f"{adv_loss:.4f}", delta=f"{delta_norm:.3f}")
-                sums.zero_()
-                t_last, step_last = time.time(), step
-            if grid and rank == 0:
-                save_grid(ema, alpha_bar, args, os.path.join(args.out, f"grid_{step:07d}.png"), images.shape[1:])
-            if save or stop:
-                checkpoint()
-            if stop:
-                say(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume {ckpt_path}")
-                sys.exit(130)
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        if metrics is not None:
-            metrics.close()
-        bar.close()
-    say(f"done: {ckpt_path} (step {step})")
+def load_state(source, args, net, ema, opt, generator, t_state, rank: int) -> int:
+    """Weights (+EMA) from --init-from or --resume; from --resume also the optimizer, step, t-sampler and RNG.
+    Returns the step to continue from (0 for a new or --init-from run)."""
+    if source is None:
+        return 0
+    net.load_state_dict(source["model"])
+    ema.load_state_dict(source.get("ema", source["model"]))
+    if not args.resume:
+        return 0
+    opt.load_state_dict(source["opt"])
+    for group in opt.param_groups:
+        group["lr"] = args.lr
+    if t_state is not None and source.get("t_state"):
+        for key, value in source["t_state"].items():
+            t_state[key].copy_(value)
+    if "RANK" in os.environ:  # rank 0's RNG state was saved: each process reseeds from (seed, rank, step) instead
+        generator.manual_seed(args.seed + rank + 1_000_003 * source["step"])
+    else:  # one process continues exactly where it stopped
+        torch.set_rng_state(source["rng_cpu"])
+        generator.set_state(source["rng_gen"])
+        if source.get("rng_cuda") is not None and "cuda" in args.device:  # dropout masks on the GPU
+            torch.cuda.set_rng_state(source["rng_cuda"], args.device)
+    return source["step"]
+
+
+class Logger:
+    """Rank 0's log: loss sums on the device between log steps (no host sync per step), metrics.jsonl and a tqdm
+    postfix; args.json is written when the run starts."""
+
+    def __init__(self, args, rank: int, step: int):
+        self.args, self.rank, self.sums, self.step, self.time = args, rank, None, step, time.time()
+        if rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "args.json"), "w") as f:
+                json.dump(vars(args), f, indent=1)
+
+    def say(self, text: str) -> None:
+        if self.rank == 0:
+            print(text)
+
+    def add(self, losses) -> None:
+        s = torch.stack(losses)
+        self.sums = s if self.sums is None else self.sums + s
+
+    def write(self, step: int, lr: float) -> None:
+        n, dt = step - self.step, time.time() - self.time
+        loss, adv_loss, delta_norm = (self.sums / n).tolist()
+        if not math.isfinite(loss + adv_loss):  # the last checkpoint on disk is the last good one
+            raise UserError(f"loss is not finite by step {step}; stopped. Last good checkpoint: "
+                            f"{os.path.join(self.args.out, 'ckpt.pt')}")
+        rec = dict(step=step, loss=loss, adv_loss=adv_loss, delta_norm=delta_norm, lr=lr,
+                   img_per_s=n * self.args.batch_size / dt, sec_per_step=dt / n)
+        if self.rank == 0:
+            with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            tqdm.write(f"step {step}: loss {loss:.4f}, adv {adv_loss:.4f}, |delta| {delta_norm:.3f}, "
+                       f"{dt / n:.2f} s/step")
+        self.sums, self.step, self.time = None, step, time.time()
 
 
 if __name__ == "__main__":

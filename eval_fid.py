@@ -1,15 +1,16 @@
 """Fréchet Inception Distance (FID), computed exactly as pytorch-fid 0.3.0 computes it.
 
 Paper: Wang et al. 2025, arXiv:2502.17099v1; FID is the sample-quality metric of its experiments (50k samples
-       vs the 50k CIFAR-10 training images, see SPEC §6; the paper's section numbers were not seen).
+       vs the 50k CIFAR-10 training images; docs/method.md §7).
 Borrowed: FID = Fréchet distance of two Gaussians fitted to Inception pool3 features (Heusel et al. 2017,
        arXiv:1706.08500); the closed form for Gaussians is Dowson & Landau 1982. Network, weights and
-       preprocessing: pytorch-fid 0.3.0 (M. Seitzer), a PyTorch port of the TensorFlow graph
+       preprocessing: pytorch-fid 0.3.0 (Seitzer 2020), a PyTorch port of the TensorFlow graph
        inception-2015-12-05 (Inception-v3, Szegedy et al. 2016) that TTUR, the original FID code, used.
 Uses: data.py (only for --ref cifar10).     Used by: nothing (entry script).
 Run:  python eval_fid.py samples.npz --ref cifar10                  # 50k samples vs CIFAR-10 train
       python eval_fid.py run_a/samples.npz run_b/samples.npz --batch-size 200
       python eval_fid.py small_a.npz small_b.npz --device cpu          # 200 images each: 1-3 min on 2 CPU cores
+      python eval_fid.py a_stats.npz b_stats.npz                       # two saved (mu, sigma): no weights needed
 
 Weights: pt_inception-2015-12-05-6726825d.pth (about 91 MB), pytorch-fid's release file. Taken from --weights,
 else from the cache dir (--cache-dir, default $XDG_CACHE_HOME/adv_diffusion or ~/.cache/adv_diffusion). When it
@@ -38,9 +39,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-               "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
 # Torch-hub convention: the 8 hex digits in the file name are the start of the file's SHA-256. Only this
 # prefix is published, so it is all we can check.
 WEIGHTS_SHA256_PREFIX = "6726825d"
@@ -256,24 +256,20 @@ def find_weights(weights_path=None, cache_dir=None, check_hash: bool = True) -> 
     is refused and deleted, so the next run downloads a fresh copy. check_hash=False (--no-hash-check) applies
     to --weights only and exists for tests with random weights: such FIDs are comparable with nothing.
     """
-    if weights_path is not None:
-        path = Path(weights_path)
-        if not path.is_file():
-            raise FIDError(f"weights file not found: {path}")
-        digest = sha256_of(path)
-        if check_hash and not digest.startswith(WEIGHTS_SHA256_PREFIX):
-            raise FIDError(f"{path} has SHA-256 {digest[:8]}..., expected {WEIGHTS_SHA256_PREFIX}... "
-                           f"({WEIGHTS_NAME}); refusing to use it (file left in place)")
-        return path, digest
-    path = Path(cache_dir or default_cache_dir()) / WEIGHTS_NAME
+    mine = weights_path is not None
+    path = Path(weights_path) if mine else Path(cache_dir or default_cache_dir()) / WEIGHTS_NAME
+    if mine and not path.is_file():
+        raise FIDError(f"weights file not found: {path}")
     if not path.is_file():
         download_weights(path)
     digest = sha256_of(path)
-    if not digest.startswith(WEIGHTS_SHA256_PREFIX):
-        path.unlink()
-        raise FIDError(f"cached weights {path} have SHA-256 {digest[:8]}..., expected {WEIGHTS_SHA256_PREFIX}...; "
-                       f"deleted the file, run again to download {WEIGHTS_URL}")
-    return path, digest
+    if digest.startswith(WEIGHTS_SHA256_PREFIX) or (mine and not check_hash):
+        return path, digest
+    found = f"{path} has SHA-256 {digest[:8]}..., expected {WEIGHTS_SHA256_PREFIX}... ({WEIGHTS_NAME})"
+    if mine:
+        raise FIDError(f"{found}; refusing to use it (file left in place)")
+    path.unlink()
+    raise FIDError(f"cached weights {found}; deleted the file, run again to download {WEIGHTS_URL}")
 
 
 def load_inception(weights_path=None, cache_dir=None, device="cpu", check_hash: bool = True) -> FIDInceptionV3:
@@ -359,29 +355,29 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 # Inputs: an npz of uint8 images (arr_0), a folder of images, a stats npz (mu, sigma), or `cifar10`.
 
-def read_input(spec: str):
+def read_input(source: str):
     """Return ("stats", (mu, sigma)), ("images", uint8 NHWC) or ("cifar10", None) without running the network."""
-    if spec == "cifar10":
+    if source == "cifar10":
         return "cifar10", None
-    path = Path(spec)
+    path = Path(source)
     if path.is_dir():
         return "images", read_folder(path)
     if not path.is_file():
-        raise FIDError(f"no such file or folder: {spec}")
+        raise FIDError(f"no such file or folder: {source}")
     try:
         npz = np.load(path)  # a .npy file gives a plain array instead
         if not isinstance(npz, np.lib.npyio.NpzFile):
-            raise FIDError(f"{spec}: expected an .npz file (arr_0, or mu and sigma), got a plain array file")
+            raise FIDError(f"{source}: expected an .npz file (arr_0, or mu and sigma), got a plain array file")
         with npz:
             if "mu" in npz and "sigma" in npz:
                 return "stats", (npz["mu"], npz["sigma"])
             if "arr_0" not in npz:
-                raise FIDError(f"{spec}: npz has neither `arr_0` (images) nor `mu` and `sigma` (statistics); "
+                raise FIDError(f"{source}: npz has neither `arr_0` (images) nor `mu` and `sigma` (statistics); "
                                f"keys: {sorted(npz.keys())}")
             images = npz["arr_0"]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not numpy, truncated, pickled objects
-        raise FIDError(f"{spec}: cannot read as .npz ({e})") from e
-    return "images", check_images(images, spec)
+        raise FIDError(f"{source}: cannot read as .npz ({e})") from e
+    return "images", check_images(images, source)
 
 
 def read_folder(folder: Path) -> np.ndarray:
@@ -440,7 +436,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="FID exactly as pytorch-fid 0.3.0 (Inception pool3, 2048-d).")
     p.add_argument("inputs", nargs="+", help="one or two of: npz of uint8 images (arr_0, N x H x W x 3), "
                    "folder of images, stats npz (mu, sigma), or the word cifar10 (CIFAR-10 train via data.py)")
-    p.add_argument("--ref", default=None, help="second input, e.g. cifar10 (SPEC §6: 50k samples vs 50k train)")
+    p.add_argument("--ref", default=None, help="second input, e.g. cifar10 (the paper's protocol: 50k samples vs "
+                   "the 50k training images)")
     p.add_argument("--save-stats", default=None, help="write mu, sigma of the first input to this .npz")
     p.add_argument("--data-dir", default="./data", help="where data.py finds CIFAR-10; default ./data")
     p.add_argument("--weights", default=None, help=f"path to {WEIGHTS_NAME}; default: the cache dir")
@@ -455,29 +452,29 @@ def parse_args(argv=None):
 
 
 def run(args) -> None:
-    specs = args.inputs + ([args.ref] if args.ref else [])
-    if len(specs) > 2 or (len(specs) == 1 and not args.save_stats):
-        raise FIDError(f"give two inputs to compare (or one with --save-stats), got {len(specs)}")
+    sources = args.inputs + ([args.ref] if args.ref else [])
+    if len(sources) > 2 or (len(sources) == 1 and not args.save_stats):
+        raise FIDError(f"give two inputs to compare (or one with --save-stats), got {len(sources)}")
     if args.batch_size < 1:
         raise FIDError("--batch-size must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise FIDError(f"--device {args.device} but CUDA is not available here; use --device cpu")
     cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    inputs = [read_input(s) for s in specs]  # every cheap check before the network is loaded
+    inputs = [read_input(s) for s in sources]  # every cheap check before the network is loaded
     if any(kind != "stats" for kind, _ in inputs):
         model = load_inception(args.weights, cache_dir, args.device, check_hash=not args.no_hash_check)
     stats = []
-    for spec, (kind, value) in zip(specs, inputs):
+    for source, (kind, value) in zip(sources, inputs):
         if kind == "stats":
             stats.append(value)
         elif kind == "cifar10":
             stats.append(cifar10_statistics(model, args.data_dir, cache_dir, args.batch_size, args.device))
         else:
-            print(f"{spec}: {len(value)} images of {value.shape[1]}x{value.shape[2]}", file=sys.stderr)
+            print(f"{source}: {len(value)} images of {value.shape[1]}x{value.shape[2]}", file=sys.stderr)
             stats.append(compute_statistics(value, model, args.batch_size, args.device))
     if args.save_stats:
         save_statistics(args.save_stats, *stats[0])
-        print(f"saved the statistics of {specs[0]} to {args.save_stats}", file=sys.stderr)
+        print(f"saved the statistics of {sources[0]} to {args.save_stats}", file=sys.stderr)
     if len(stats) == 2:
         print(f"FID: {frechet_distance(*stats[0], *stats[1])}")
 

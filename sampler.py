@@ -1,34 +1,51 @@
 """Noise schedules, network parameterisations and samplers, in one place so that training and sampling agree.
 
-Paper: Wang et al. 2025, arXiv:2502.17099v1; the few-step samplers of its evaluation (Sec. 5, Tables 1-2: IDDPM
-       ancestral and DDIM at NFE 5-50). The AT losses in dpm_at.py use the schedules defined here.
-Borrowed: DDPM (Ho et al. 2020) Eq. 4 (q(x_t|x_0)), Eq. 6-7 (posterior), Alg. 2 (ancestral sampling);
-          IDDPM (Nichol & Dhariwal 2021) Eq. 17 (cosine schedule) and Sec. 4 (respacing);
-          DDIM (Song et al. 2021) Eq. 12; EDM (Karras et al. 2022) Sec. 2 / App. C.3 (VP <-> sigma mapping).
-Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, toy_experiment.py, robustness.py.
-Run: python sampler.py            (samples a tiny untrained net; full checks in tests/test_sampler.py)
+Paper: Wang et al. 2025, arXiv:2502.17099v1: the samplers of its few-step sampling comparisons (IDDPM ancestral and
+       DDIM at NFE 5-50; Tables 1-2 as the OpenReview reviews number them, since we could not read the paper's result
+       sections themselves). The AT losses in dpm_at.py and cm_at.py use the schedules defined here.
+Borrowed: DDPM (Ho et al. 2020) Eq. 4, 7, Alg. 2; IDDPM (Nichol & Dhariwal 2021) Eq. 15, 17, Sec. 4 (respacing);
+          DDIM (Song et al. 2021) Eq. 12, 16; EDM (Karras et al. 2022) Eq. 5, 7, Table 1, Alg. 2, App. C.3;
+          epsilon scaling (Ning et al. 2024); consistency models (Song et al. 2023) Alg. 1, App. C.
+Uses: nothing from this repo (the command line imports unet.py).   Used by: dpm_at.py, cm_at.py.
+Run: python sampler.py            (a stand-in network; full checks in tests/test_sampler.py)
+     python sampler.py --ckpt runs/c10_at/ckpt.pt --sampler ddpm --steps 10 --seeds 0-49999 --out runs/c10_at/s10.npz
 
-One small core: every trained network is exposed as a denoiser D(x_e; sigma) -> estimate of x_0 in EDM space,
-where x_e = x_t / sqrt(alpha_bar_t) = x_0 + sigma * eps and sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t)
-(SPEC §2.2). Each sampler is written once against D, whatever loss trained the network.
+Every network becomes a denoiser D(x_e; sigma) -> x0_hat with x_e = x_t / sqrt(alpha_bar_t) = x_0 + sigma * eps,
+sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t) (docs/method.md §3); each sampler is written once against D and draws
+all its noise from `generator` (see randn), so image i of the command line depends on seed i only.
 
-Symbols: beta_t -> beta, alpha_bar_t -> alpha_bar, respaced index set {tau_k} -> timesteps, eps -> eps,
-         x_0 estimate -> x0_hat, posterior mean coefficients -> c1, c2, posterior variance beta~ -> beta_tilde.
-Conventions (SPEC §0): VP indices t in {0..T-1}, index 0 least noisy; schedules in float64, cast at use.
+Symbols: beta_t -> beta, alpha_bar_t -> alpha_bar, respaced indices {tau_k} -> timesteps, posterior mean
+         coefficients -> c1, c2, posterior variance beta~ -> beta_tilde. VP index t in {0..T-1}, 0 least noisy
+         (docs/method.md §1); schedules in float64, cast at use.
 """
 import argparse
 import math
 import os
 import sys
 
+import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
-# ----------------------------------------------------------------------------------------------------------------
-# VP (DDPM) schedules, SPEC §1.1
+Generators = torch.Generator | list[torch.Generator] | None
 
 
+def randn(shape, generator: Generators, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, I) of shape (B, ...); with a list of B generators, row i comes from generator i alone (EDM generate.py)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device, dtype=dtype) for g in generator])
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def full(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The noise level sigma for every row of x: float64 (B,) on x's device."""
+    return torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float64)
+
+
+# --- VP (DDPM) schedules (docs/method.md §2) ---
 def make_beta(schedule: str, T: int = 1000) -> torch.Tensor:
-    """beta_t for t = 0..T-1 in float64 (SPEC §1.1)."""
+    """beta_t for t = 0..T-1 in float64."""
     if schedule == "linear":
         # DDPM Sec. 4: linear from 1e-4 to 0.02, rescaled so that other T keep the same total noise (IDDPM code)
         return torch.linspace(1e-4 * 1000 / T, 0.02 * 1000 / T, T, dtype=torch.float64)
@@ -47,17 +64,14 @@ def alpha_bar_from_beta(beta: torch.Tensor) -> torch.Tensor:
 
 
 def respace(spec: str, T: int = 1000) -> list[int]:
-    """Sorted subset of {0..T-1} that a K-step sampler visits (SPEC §1.3, IDDPM Sec. 4).
-
-    "N": N indices evenly spread from 0 to T-1 (float stride, Python round); "ddimN": {0, s, 2s, ...} with the smallest
-    integer stride s giving N indices (does not include T-1, e.g. ddim10 starts at 900).
-    """
+    """The sorted indices a K-step sampler visits (IDDPM Sec. 4). "N": N indices from 0 to T-1 at float stride, each
+    rounded; "ddimN": {0, s, 2s, ...} with the smallest integer stride s giving N indices (ddim10 ends at 900)."""
     if spec.startswith("ddim"):
         n = int(spec[4:])
-        for stride in range(1, T):
-            if len(range(0, T, stride)) == n:
-                return list(range(0, T, stride))
-        raise ValueError(f"cannot make {n} DDIM steps with an integer stride from T={T}")
+        strides = [s for s in range(1, T) if len(range(0, T, s)) == n]
+        if not strides:
+            raise ValueError(f"cannot make {n} DDIM steps with an integer stride from T={T}")
+        return list(range(0, T, strides[0]))
     n = int(spec)
     if not 1 <= n <= T:
         raise ValueError(f"number of steps must lie in 1..{T}, got {n}")
@@ -71,17 +85,13 @@ def respace(spec: str, T: int = 1000) -> list[int]:
 
 
 def respaced_beta(alpha_bar: torch.Tensor, timesteps: list[int]) -> torch.Tensor:
-    # SPEC §1.3: beta'_k = 1 - alpha_bar_{tau_k} / alpha_bar_{tau_{k-1}}, alpha_bar_{tau_{-1}} := 1
+    # IDDPM Sec. 4: beta'_k = 1 - alpha_bar_{tau_k} / alpha_bar_{tau_{k-1}}, alpha_bar_{tau_{-1}} := 1
     ab = alpha_bar[timesteps]
-    ab_prev = torch.cat([ab.new_ones(1), ab[:-1]])
-    return 1 - ab / ab_prev
+    return 1 - ab / torch.cat([ab.new_ones(1), ab[:-1]])
 
 
 def posterior(beta: torch.Tensor):
-    """Coefficients of q(x_{t-1} | x_t, x_0) = N(c1 x_0 + c2 x_t, beta_tilde) for a chain with these betas.
-
-    Works for the full chain and for a respaced one (then beta is beta'). DDPM Eq. 6-7.
-    """
+    """q(x_{t-1} | x_t, x_0) = N(c1 x_0 + c2 x_t, beta_tilde) for the chain with these betas (full or respaced)."""
     alpha_bar = alpha_bar_from_beta(beta)
     alpha_bar_prev = torch.cat([alpha_bar.new_ones(1), alpha_bar[:-1]])
     # DDPM Eq. 7: posterior mean coefficients and variance
@@ -92,7 +102,7 @@ def posterior(beta: torch.Tensor):
 
 
 def expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample scalars (B,) -> (B, 1, ..., 1) in x's dtype, so they broadcast over images or vectors."""
+    """Per-sample scalars (B,) -> (B, 1, ..., 1) in x's dtype, to broadcast over images or vectors."""
     return v.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
 
 
@@ -103,45 +113,33 @@ def q_sample(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, alpha_bar: to
 
 
 def vp_sigma(alpha_bar: torch.Tensor) -> torch.Tensor:
-    # SPEC §2.2 / EDM App. C.3: the EDM noise level of VP step t, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
+    # EDM App. C.3: the EDM noise level of VP step t, sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)
     return ((1 - alpha_bar) / alpha_bar).sqrt()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Parameterisations: network -> denoiser D(x_e; sigma)
-
-
+# --- Parameterisations: network -> denoiser D(x_e; sigma) (docs/method.md §3) ---
 def vp_denoiser(net, alpha_bar: torch.Tensor, return_v: bool = False):
-    """Wrap an eps-prediction network net(x_t, t) trained on discrete VP steps as D(x_e; sigma) (SPEC §2.2).
-
-    As EDM's iDDPM preconditioning (EDM App. C.3.4), sigma picks the nearest discrete step for the network's label,
-    while the input/output scalings use sigma itself; on the schedule's own sigmas the two coincide exactly.
-    A learned-variance network outputs 2C channels [eps, v] (IDDPM Sec. 3.1); D uses eps, and return_v=True makes
-    D return (x0_hat, v) for the ancestral sampler.
-    """
+    """D(x_e; sigma) from an eps-prediction network net(x_t, t) on VP steps (EDM App. C.3.4: the label is the step
+    nearest to sigma). return_v: the network also outputs IDDPM's v (2C channels) and D returns (x0_hat, v)."""
     log_sigma_table = vp_sigma(alpha_bar).log()  # increasing in t
 
     def denoise(x_e: torch.Tensor, sigma: torch.Tensor):
         table = log_sigma_table.to(x_e.device)
-        # nearest step in log sigma, by binary search between the two neighbours (ties go to the lower step);
-        # no data-dependent shapes, so no host sync on a GPU
+        # nearest step in log sigma between the two searchsorted neighbours (ties go down); no host sync on a GPU
         log_sigma = sigma.double().log()
         hi = torch.searchsorted(table, log_sigma).clamp(1, table.shape[0] - 1)
-        lo = hi - 1
-        t = torch.where(log_sigma - table[lo] <= table[hi] - log_sigma, lo, hi)  # (B,) nearest step
+        t = torch.where(log_sigma - table[hi - 1] <= table[hi] - log_sigma, hi - 1, hi)  # (B,)
         s = expand(sigma, x_e)
-        # SPEC §2.2: x_t = x_e / sqrt(1 + sigma^2) = sqrt(alpha_bar) x_e
+        # EDM App. C.3: x_t = x_e / sqrt(1 + sigma^2) = sqrt(alpha_bar) x_e, and x0_hat = x_e - sigma * eps_hat
         out = net(x_e / (1 + s**2).sqrt(), t.to(x_e.dtype))
         eps_hat, v = out[:, : x_e.shape[1]], out[:, x_e.shape[1]:]
-        # SPEC §2.2: x0_hat = x_e - sigma * eps_hat
         x0_hat = x_e - s * eps_hat
         return (x0_hat, v) if return_v else x0_hat
-
     return denoise
 
 
 def edm_precond(sigma: torch.Tensor, sigma_data: float = 0.5):
-    """EDM Table 1 (preconditioning): c_skip, c_out, c_in, c_noise for noise level sigma (any shape)."""
+    """c_skip, c_out, c_in, c_noise for noise level sigma (any shape)."""
     # EDM Table 1: skip, output and input scalings, and the noise conditioning c_noise = ln(sigma)/4
     c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
     c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
@@ -151,66 +149,53 @@ def edm_precond(sigma: torch.Tensor, sigma_data: float = 0.5):
 
 
 def edm_denoiser(net, sigma_data: float = 0.5):
-    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) for a network F trained with the EDM loss (EDM Eq. 7)."""
+    """D(x; sigma) for a network F trained with the EDM loss."""
 
     def denoise(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         c_skip, c_out, c_in, c_noise = (expand(c, x) for c in edm_precond(sigma.to(x.dtype), sigma_data))
+        # EDM Eq. 7: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)
         return c_skip * x + c_out * net(c_in * x, c_noise.flatten())
-
     return denoise
 
 
 def eps_scaled(denoise, lam: float):
-    """Epsilon scaling (ES, Ning et al. 2024): x0_hat from eps_hat / lam, i.e. D' = x - (x - D)/lam (SPEC §1.6)."""
+    """Epsilon scaling (ES, Ning et al. 2024): D with eps_hat / lam in place of eps_hat (also for (x0_hat, v))."""
 
     def scaled(x: torch.Tensor, sigma: torch.Tensor):
         out = denoise(x, sigma)
         x0_hat, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
-        # SPEC §2.2: eps_hat = (x - D)/sigma, so x - sigma * (eps_hat / lam) = x - (x - D)/lam
+        # Ning et al. 2024: eps_hat = (x - D)/sigma, so x - sigma * (eps_hat / lam) = x - (x - D)/lam
         x0_hat = x - (x - x0_hat) / lam
         return (x0_hat, *rest) if rest else x0_hat
-
     return scaled
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# VP samplers on respaced steps (SPEC §1.4-1.5). They work in VP space x_t and call D through x_e = x_t/sqrt(ab).
-
-
-def _x0_hat(denoise, x: torch.Tensor, ab: float, clip: bool):
-    """Call D at the VP state x of the step with alpha_bar = ab; returns x0_hat (clipped), or (x0_hat, v)."""
-    sigma = math.sqrt((1 - ab) / ab)
-    out = denoise(x / math.sqrt(ab), torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float64))
+# --- VP samplers on respaced steps: they work in VP space x_t and call D at x_e = x_t / sqrt(alpha_bar) ---
+def _x0_hat(denoise, x: torch.Tensor, ab: float, clip_denoised: bool):
+    """(x0_hat, v) at the VP state x of the step with alpha_bar = ab; v is None unless D returns it."""
+    out = denoise(x / math.sqrt(ab), full(x, math.sqrt((1 - ab) / ab)))
     x0_hat, v = out if isinstance(out, tuple) else (out, None)
-    # SPEC §1.4: clip the x_0 prediction to the data range [-1, 1] (IDDPM clip_denoised)
-    x0_hat = x0_hat.clamp(-1, 1) if clip else x0_hat
-    return (x0_hat, v) if isinstance(out, tuple) else x0_hat
+    # IDDPM's samplers (clip_denoised): clip the x_0 estimate to the data range [-1, 1]
+    return (x0_hat.clamp(-1, 1) if clip_denoised else x0_hat), v
 
 
 @torch.no_grad()
 def ddpm_sample(denoise, x_T: torch.Tensor, alpha_bar: torch.Tensor, timesteps: list[int],
-                generator: torch.Generator | None = None, variance: str = "fixed_large", clip: bool = True):
-    """Ancestral sampling (DDPM Alg. 2) on the respaced chain (SPEC §1.3-1.4). NFE = len(timesteps).
-
-    variance: "fixed_large" = [beta~'_1, beta'_1, ..., beta'_{K-1}] (DDPM sigma^2 = beta), "fixed_small" = beta~'_k,
-    "learned" = IDDPM Eq. 15 from the network's v (denoise must return (x0_hat, v): vp_denoiser(..., return_v=True)).
-    """
+                generator: Generators = None, variance: str = "fixed_large",
+                clip_denoised: bool = True) -> torch.Tensor:
+    """Ancestral sampling (DDPM Alg. 2) on the respaced chain (IDDPM Sec. 4), NFE = len(timesteps). variance:
+    "fixed_large" (beta'), "fixed_small" (beta~') or "learned" (denoise returns (x0_hat, v): IDDPM Eq. 15)."""
+    if variance not in ("fixed_large", "fixed_small", "learned"):
+        raise ValueError(f"unknown variance {variance!r}; choose fixed_large, fixed_small or learned")
     beta = respaced_beta(alpha_bar, timesteps)
     c1, c2, beta_tilde = posterior(beta)
-    # IDDPM: log beta~ clipped, i.e. beta~'_1 in place of beta~'_0 = 0 (used by fixed_small and learned)
-    log_beta_tilde = torch.cat([beta_tilde[1:2], beta_tilde[1:]]).log() if len(timesteps) > 1 else beta.log()
-    if variance == "fixed_large":
-        log_var = torch.cat([beta_tilde[1:2], beta[1:]]).log() if len(timesteps) > 1 else beta.log()
-    elif variance in ("fixed_small", "learned"):
-        log_var = log_beta_tilde
-    else:
-        raise ValueError(f"unknown variance {variance!r}; choose fixed_large, fixed_small or learned")
-    ab, c1, c2, log_var, log_beta = (alpha_bar[timesteps].tolist(), c1.tolist(), c2.tolist(), log_var.tolist(),
-                                     beta.log().tolist())
+    # IDDPM: beta~'_1 in place of beta~'_0 = 0 (log clipped), also as fixed_large's first variance; one step: beta
+    first = beta_tilde[1:2] if len(timesteps) > 1 else beta
+    log_var = torch.cat([first, (beta if variance == "fixed_large" else beta_tilde)[1:]]).log().tolist()
+    ab, c1, c2, log_beta = alpha_bar[timesteps].tolist(), c1.tolist(), c2.tolist(), beta.log().tolist()
     x = x_T
     for k in reversed(range(len(timesteps))):
-        out = _x0_hat(denoise, x, ab[k], clip)
-        x0_hat, v = out if isinstance(out, tuple) else (out, None)
+        x0_hat, v = _x0_hat(denoise, x, ab[k], clip_denoised)
         # DDPM Eq. 7: mean of q(x_{t-1} | x_t, x0_hat)
         x = c1[k] * x0_hat + c2[k] * x
         if k > 0:  # no noise on the last step (DDPM Alg. 2, line 4)
@@ -220,85 +205,68 @@ def ddpm_sample(denoise, x_T: torch.Tensor, alpha_bar: torch.Tensor, timesteps: 
                 std = (0.5 * (frac * log_beta[k] + (1 - frac) * log_var[k])).exp()
             else:
                 std = math.exp(0.5 * log_var[k])
-            x = x + std * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + std * randn(x.shape, generator, x.device, x.dtype)
     return x
 
 
 @torch.no_grad()
 def ddim_sample(denoise, x_T: torch.Tensor, alpha_bar: torch.Tensor, timesteps: list[int],
-                generator: torch.Generator | None = None, eta: float = 0.0, clip: bool = True):
-    """DDIM (Song et al. 2021, Eq. 12) on the respaced chain (SPEC §1.5); eta = 0 is deterministic. NFE = len(timesteps)."""
+                generator: Generators = None, eta: float = 0.0, clip_denoised: bool = True) -> torch.Tensor:
+    """DDIM (Song et al. 2021, Eq. 12) on the respaced chain; eta = 0 is deterministic. NFE = len(timesteps)."""
     ab = alpha_bar[timesteps].tolist()
     x = x_T
     for k in reversed(range(len(timesteps))):
         ab_prev = ab[k - 1] if k > 0 else 1.0
-        x0_hat = _x0_hat(denoise, x, ab[k], clip)
-        # SPEC §1.5: re-derive eps from the (clipped) x0_hat so that the update stays on the data range
+        x0_hat, _ = _x0_hat(denoise, x, ab[k], clip_denoised)
+        # as IDDPM's DDIM sampler: re-derive eps from the (clipped) x0_hat so that the update stays on the data range
         eps = (x / math.sqrt(ab[k]) - x0_hat) / math.sqrt(1 / ab[k] - 1)
         # DDIM Eq. 16: sigma_eta = eta * sqrt((1 - ab_prev)/(1 - ab)) * sqrt(1 - ab/ab_prev)
         sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab[k])) * math.sqrt(1 - ab[k] / ab_prev)
         # DDIM Eq. 12
         x = math.sqrt(ab_prev) * x0_hat + math.sqrt(1 - ab_prev - sigma**2) * eps
         if sigma > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
     return x
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# EDM samplers on the Karras sigma grid (SPEC §2.3-2.4)
-
-
+# --- EDM samplers on the Karras sigma grid (docs/method.md §3) ---
 def karras_sigmas(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
-    """t_0 > ... > t_{n-1} = sigma_min, then t_n = 0 (float64, n + 1 values). EDM Eq. 5."""
+    """t_0 = sigma_max > ... > t_{n-1} = sigma_min, then t_n = 0 (float64, n + 1 values)."""
     if n < 1:
         raise ValueError(f"the Karras grid needs n >= 1 points, got {n}")
-    i = torch.arange(n, dtype=torch.float64)
+    frac = torch.arange(n, dtype=torch.float64) / max(n - 1, 1)
     # EDM Eq. 5: t_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
-    frac = i / max(n - 1, 1)
     t = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     t[-1] = sigma_min if n > 1 else sigma_max  # exact endpoint (the power rounds it to 0.002000000000000003)
     return torch.cat([t, t.new_zeros(1)])
 
 
 @torch.no_grad()
-def edm_sample(denoise, x_T: torch.Tensor, sigmas: torch.Tensor, heun: bool = True,
-               generator: torch.Generator | None = None, S_churn: float = 0.0, S_min: float = 0.0,
-               S_max: float = float("inf"), S_noise: float = 1.0) -> torch.Tensor:
-    """EDM Alg. 2 (Heun; Euler when heun=False) from x = x_T at sigmas[0]. NFE: Heun 2N - 1, Euler N (N = steps).
-
-    x_T is the starting state itself (sigma_max * z); S_churn > 0 adds EDM's stochastic churn.
-    """
-    n = len(sigmas) - 1
-    t = sigmas.tolist()
-    x = x_T
-
-    def D(x, sigma):
-        return denoise(x, torch.full((x.shape[0],), sigma, device=x.device, dtype=torch.float64))
-
+def edm_sample(denoise, x_T: torch.Tensor, sigmas: torch.Tensor, heun: bool = True, generator: Generators = None,
+               S_churn: float = 0.0) -> torch.Tensor:
+    """EDM Alg. 2 (Heun; Euler if heun=False) from x_T = sigma_max z at sigmas[0]; NFE 2N - 1 (Heun) or N.
+    S_churn > 0 adds EDM's stochastic churn at every level (S_min = 0, S_max = inf, S_noise = 1)."""
+    n, t, x = len(sigmas) - 1, sigmas.tolist(), x_T
     for i in range(n):
         # EDM Alg. 2, lines 4-6: temporarily raise the noise level to t_hat = t_i (1 + gamma)
-        gamma = min(S_churn / n, math.sqrt(2) - 1) if S_min <= t[i] <= S_max else 0.0
+        gamma = min(S_churn / n, math.sqrt(2) - 1)
         t_hat = t[i] * (1 + gamma)
         if gamma > 0:
-            z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = x + math.sqrt(t_hat**2 - t[i] ** 2) * S_noise * z
+            x = x + math.sqrt(t_hat**2 - t[i] ** 2) * randn(x.shape, generator, x.device, x.dtype)
         # EDM Alg. 2, lines 7-8: Euler step along dx/dt = (x - D(x; t)) / t
-        d = (x - D(x, t_hat)) / t_hat
+        d = (x - denoise(x, full(x, t_hat))) / t_hat
         x_next = x + (t[i + 1] - t_hat) * d
         # EDM Alg. 2, lines 9-11: second-order (trapezoidal) correction, except when stepping to sigma = 0
         if heun and t[i + 1] > 0:
-            d_next = (x_next - D(x_next, t[i + 1])) / t[i + 1]
+            d_next = (x_next - denoise(x_next, full(x, t[i + 1]))) / t[i + 1]
             x_next = x + (t[i + 1] - t_hat) * (d + d_next) / 2
         x = x_next
     return x
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Consistency models (SPEC §4.1, §4.3; Song et al. 2023)
-
-
+# --- Consistency models (Song et al. 2023; docs/method.md §5) ---
 def cm_scalings(sigma: torch.Tensor, sigma_min: float = 0.002, sigma_data: float = 0.5):
-    """Consistency-model boundary scalings (CM App. C, Eq. 15 / SPEC §4.1): c_skip(sigma_min) = 1, c_out(sigma_min) = 0."""
+    """Consistency-model boundary scalings: c_skip(sigma_min) = 1, c_out(sigma_min) = 0."""
     # CM App. C: c_skip = sd^2 / ((sigma - sigma_min)^2 + sd^2), c_out = (sigma - sigma_min) sd / sqrt(sigma^2 + sd^2)
     c_skip = sigma_data**2 / ((sigma - sigma_min) ** 2 + sigma_data**2)
     c_out = (sigma - sigma_min) * sigma_data / (sigma**2 + sigma_data**2).sqrt()
@@ -306,63 +274,87 @@ def cm_scalings(sigma: torch.Tensor, sigma_min: float = 0.002, sigma_data: float
 
 
 def consistency_fn(net, sigma_min: float = 0.002, sigma_data: float = 0.5):
-    """f(x, sigma) = c_skip x + c_out F(c_in x; c_noise): c_in and c_noise as EDM (so a student can start from an EDM
-    teacher's F), skip/out from cm_scalings so that f(x, sigma_min) = x exactly (SPEC §4.1)."""
+    """f(x, sigma) = c_skip x + c_out F(c_in x; c_noise): c_in, c_noise as EDM (a student can start from an EDM
+    teacher's F), c_skip, c_out from cm_scalings, so that f(x, sigma_min) = x exactly."""
 
     def f(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         sigma = sigma.to(x.dtype)
         _, _, c_in, c_noise = edm_precond(sigma, sigma_data)
         c_skip, c_out = (expand(c, x) for c in cm_scalings(sigma, sigma_min, sigma_data))
         return c_skip * x + c_out * net(expand(c_in, x) * x, c_noise.flatten())
-
     return f
 
 
 @torch.no_grad()
-def consistency_sample(f, z: torch.Tensor, sigmas: torch.Tensor, indices: list[int],
-                       generator: torch.Generator | None = None, sigma_min: float = 0.002) -> torch.Tensor:
-    """Multistep consistency sampling (CM Alg. 1, SPEC §4.3). NFE = len(indices) - 1.
-
-    sigmas: the N-point Karras grid t_0 = sigma_max > ... > t_{N-1} = sigma_min; indices: 0 = tau_0 < tau_1 < ... <
-    tau_last = N - 1 into it. x = sigma_max z; at each tau_k (but the last): x0_hat = f(x, t_{tau_k}), then re-noise to
-    the next level s' = clip(t_{tau_{k+1}}, sigma_min, sigma_max); the last level is sigma_min, so no noise is added.
-    (0, N-1) is one-step generation. The output is clamped to [-1, 1].
-    """
+def consistency_sample(f, z: torch.Tensor, sigmas: torch.Tensor, indices: list[int], generator: Generators = None,
+                       sigma_min: float = 0.002, clip_denoised: bool = True) -> torch.Tensor:
+    """Multistep consistency sampling (CM Alg. 1) on the Karras grid sigmas (t_0 = sigma_max ... t_{N-1} = sigma_min)
+    at grid indices 0 = tau_0 < ... < tau_last = N - 1; NFE = len(indices) - 1. Output clamped to [-1, 1]."""
     t = sigmas.tolist()
-    sigma_max = t[0]
-    x = sigma_max * z
+    x = t[0] * z
     for k in range(len(indices) - 1):
-        x0_hat = f(x, torch.full((x.shape[0],), t[indices[k]], device=x.device, dtype=torch.float64))
-        # SPEC §4.3: x = x0_hat + sqrt(s'^2 - sigma_min^2) z_k with s' = clip(t_{tau_{k+1}}, sigma_min, sigma_max)
-        s_next = min(max(t[indices[k + 1]], sigma_min), sigma_max)
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        x = x0_hat + math.sqrt(max(s_next**2 - sigma_min**2, 0.0)) * noise
+        x0_hat = f(x, full(x, t[indices[k]]))
+        if clip_denoised:  # before re-noising, as the CM authors' released sampler does by default
+            x0_hat = x0_hat.clamp(-1, 1)
+        # CM Alg. 1, lines 3-4: x = x0_hat + sqrt(s'^2 - sigma_min^2) z, s' = clip(t_{tau_{k+1}}, sigma_min, sigma_max)
+        s_next = min(max(t[indices[k + 1]], sigma_min), t[0])
+        x = x0_hat + math.sqrt(max(s_next**2 - sigma_min**2, 0.0)) * randn(x.shape, generator, x.device, x.dtype)
     return x.clamp(-1, 1)
 
 
 def _demo() -> None:
-    beta = make_beta("cosine")
-    alpha_bar = alpha_bar_from_beta(beta)
+    alpha_bar = alpha_bar_from_beta(make_beta("cosine"))
     print("respace('10'):", respace("10"), " respace('ddim10'):", respace("ddim10"))
+    denoise = vp_denoiser(lambda x_t, t: 0.5 * x_t, alpha_bar)  # an untrained stand-in: predicts eps = x_t / 2
 
-    def net(x_t, t):  # an untrained stand-in: predicts eps = 0
-        return torch.zeros_like(x_t)
+    def sample(seeds):  # one generator per image: its initial noise and every later noise
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        return ddpm_sample(denoise, randn((len(seeds), 3, 8, 8), gens), alpha_bar, respace("10"), gens)
 
-    g = torch.Generator().manual_seed(0)
-    x_T = torch.randn(4, 3, 8, 8, generator=g)
-    out = ddim_sample(vp_denoiser(net, alpha_bar), x_T, alpha_bar, respace("ddim10"), g)
-    print("ddim10 output", tuple(out.shape), f"range [{out.min():.3f}, {out.max():.3f}]")
+    out = sample(range(4))
+    print("ddpm-10 on seeds 0-3:", tuple(out.shape), f"range [{out.min():.3f}, {out.max():.3f}];",
+          "seed 2 alone gives the same image:", torch.equal(out[2:3], sample([2])))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# From a checkpoint to images: the command line. Only this part imports other files of the repo (unet.py to rebuild
-# the network, data.py for the PNG grid), and only inside functions, so the samplers above stay a leaf.
-
+# --- From a checkpoint to images: the command line. Only load_model imports another file of the repo (unet.py) ---
 SAMPLERS = ("ddpm", "es", "ddim", "euler", "heun", "consistency")
 
 
 class SamplerError(Exception):
     """Bad input to the command line; the message is one line meant for the user."""
+
+
+def parse_int_list(text: str, flag: str) -> list[int]:
+    """"0-3,7" -> [0, 1, 2, 3, 7]: distinct integers in [0, 2**63) and inclusive ranges A-B (EDM generate.py)."""
+    out = []
+    for part in text.split(","):
+        lo, dash, hi = part.strip().partition("-")
+        if not lo.isdecimal() or (dash and not hi.isdecimal()):
+            raise SamplerError(f"{flag} {text!r}: expected integers >= 0 or ranges A-B, as in 0-49999 or 0,5,7-9")
+        if dash and not 0 <= int(hi) - int(lo) < 10**7:
+            raise SamplerError(f"{flag} {text!r}: the range {part.strip()} ends below its start or spans 10^7 or more")
+        out.extend(range(int(lo), int(hi if dash else lo) + 1))
+    if len(set(out)) != len(out):
+        raise SamplerError(f"{flag} {text!r} names a number twice")
+    if max(out) >= 2**63:
+        raise SamplerError(f"{flag} {text!r}: numbers must be below 2**63")
+    return out
+
+
+def check_fits(ckpt: dict, name: str, variance: str | None = None, ts: list[int] | None = None) -> None:
+    """Refuse a sampler or option that does not fit the checkpoint. Consistency grid indices ts must run from 0
+    (x starts at t_0 = sigma_max) to N - 1 (the last step lands on sigma_min, so no noise is left in the output)."""
+    if (name == "consistency") != (ckpt["kind"] == "cm"):
+        raise SamplerError(f"sampler {name!r} does not fit a {ckpt['kind']} checkpoint "
+                           f"(consistency models use --sampler consistency, diffusion models any other)")
+    if variance == "learned" and ckpt["net"]["out_channels"] != 2 * ckpt["net"]["in_channels"]:
+        raise SamplerError("--variance learned needs a checkpoint trained with learned sigma (2C output channels)")
+    if ts is not None and name != "consistency":
+        raise SamplerError("--ts gives consistency grid indices; other samplers take --steps")
+    last = ckpt.get("num_scales", 0) - 1
+    if ts is not None and (ts[0] != 0 or ts[-1] != last or any(a >= b for a, b in zip(ts, ts[1:]))):
+        raise SamplerError(f"consistency grid indices {','.join(map(str, ts))} (--ts, or spread from --steps) "
+                           f"must increase strictly from 0 to N - 1 = {last}")
 
 
 def load_model(path: str, device: str = "cpu", weights: str = "ema"):
@@ -382,71 +374,53 @@ def load_model(path: str, device: str = "cpu", weights: str = "ema"):
     return ckpt, net.to(device).eval().requires_grad_(False)
 
 
-class FastNet(torch.nn.Module):
-    """The sampling fast path around a network (on by default on CUDA, see fast_sampling): channels_last input, bf16
-    autocast inside the network call only, and a float32 output, so every sampler's arithmetic stays in fp32.
-    Deviation [PROJECT]: the papers' samplers run the network in full precision; bf16's effect on FID has not been
-    measured here, so pass --precision fp32 for numbers meant to match published ones."""
-
-    def __init__(self, net: torch.nn.Module, bf16: bool):
-        super().__init__()
-        self.net, self.bf16 = net, bf16
-
-    def forward(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.net(x, label).float()
-
-
 def fast_sampling(net: torch.nn.Module, device: str, precision: str = "fp32", compile_: bool = False):
-    """CUDA: TF32, cuDNN autotuning, channels_last weights, bf16 autocast (precision "bf16"), optionally
-    torch.compile (a one-time compile, then faster calls). On CPU with the defaults the network is returned unchanged."""
+    """The network as the samplers call it: on CUDA in channels_last with cuDNN autotuning; on CPU in fp32 without
+    compile_, net itself. "bf16" autocasts inside the network call only (float32 output, so the samplers' arithmetic
+    stays fp32); it is opt-in because the papers sample in full precision and we have not measured its effect on FID."""
     on_gpu = torch.device(device).type == "cuda"
     if not on_gpu and precision == "fp32" and not compile_:
         return net
     if on_gpu:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # shapes are fixed: cuDNN times its conv algorithms once per shape
+        torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its conv algorithms once per shape
         net = net.to(memory_format=torch.channels_last)
-    fast = FastNet(net, bf16=precision == "bf16")
+
+    def fast(x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            return net(x, label).float()
     return torch.compile(fast) if compile_ else fast
 
 
-def generate(ckpt: dict, net, name: str, steps: int, z: torch.Tensor, generator: torch.Generator, args) -> torch.Tensor:
-    """Samples in [-1, 1] from initial noise z ~ N(0, I) with the named sampler; every sampler goes through D."""
+def generate(ckpt: dict, net, name: str, steps: int, z: torch.Tensor, generator: Generators = None, *,
+             variance: str | None = None, es_lambda: float = 1.017, eta: float = 0.0, s_churn: float = 0.0,
+             ts: list[int] | None = None, clip_denoised: bool = True) -> torch.Tensor:
+    """Samples in [-1, 1] from the noise z ~ N(0, I), (B, ...), with sampler `name` (one of SAMPLERS); generator gives
+    every later noise (see randn). steps: respaced steps (ddpm/es/ddim), Karras grid points (euler/heun) or consistency
+    steps (spread evenly over the grid unless ts gives the indices). The keywords are the command-line flags."""
+    check_fits(ckpt, name, variance, ts)
     learned = ckpt["net"]["out_channels"] == 2 * ckpt["net"]["in_channels"]
-    check_fits(ckpt, name, args.variance)
     if name == "consistency":
-        sigmas = karras_sigmas(ckpt["num_scales"], ckpt["sigma_min"], ckpt["sigma_max"])[:-1]
-        indices = [round(k * (len(sigmas) - 1) / steps) for k in range(steps + 1)]  # spread evenly, ends at N-1
-        return consistency_sample(consistency_fn(net, ckpt["sigma_min"], ckpt["sigma_data"]), z, sigmas, indices,
-                                  generator, ckpt["sigma_min"])
+        n = ckpt["num_scales"]
+        ts = ts or [round(k * (n - 1) / steps) for k in range(steps + 1)]
+        check_fits(ckpt, name, ts=ts)  # the evenly spread default repeats indices when steps > N - 1
+        f = consistency_fn(net, ckpt["sigma_min"], ckpt["sigma_data"])
+        sigmas = karras_sigmas(n, ckpt["sigma_min"], ckpt["sigma_max"])[:-1]
+        return consistency_sample(f, z, sigmas, ts, generator, ckpt["sigma_min"], clip_denoised)
     alpha_bar = alpha_bar_from_beta(make_beta(ckpt["schedule"]))
     if ckpt["loss"] == "edm":
         denoise = edm_denoiser(net, ckpt.get("sigma_data", 0.5))
     else:
         denoise = vp_denoiser(net, alpha_bar, return_v=learned and name in ("ddpm", "es"))
     if name in ("euler", "heun"):
-        sigmas = karras_sigmas(steps).to(z.device)
-        return edm_sample(denoise, sigmas[0] * z, sigmas, heun=name == "heun", generator=generator,
-                          S_churn=args.s_churn).clamp(-1, 1)
+        sigmas = karras_sigmas(steps)
+        return edm_sample(denoise, sigmas[0].item() * z, sigmas, name == "heun", generator, s_churn).clamp(-1, 1)
     if name == "ddim":
-        return ddim_sample(denoise, z, alpha_bar, respace(f"ddim{steps}"), generator, eta=args.eta)
-    variance = args.variance or ("learned" if learned else "fixed_large")
+        return ddim_sample(denoise, z, alpha_bar, respace(f"ddim{steps}"), generator, eta, clip_denoised)
     if name == "es":
-        denoise = eps_scaled(denoise, args.es_lambda)
-    return ddpm_sample(denoise, z, alpha_bar, respace(str(steps)), generator, variance=variance)
-
-
-def check_fits(ckpt: dict, name: str, variance: str | None) -> None:
-    """Refuse a sampler that does not fit the checkpoint's model (SamplerError, one line)."""
-    if (name == "consistency") != (ckpt["kind"] == "cm"):
-        raise SamplerError(f"sampler {name!r} does not fit a {ckpt['kind']} checkpoint "
-                           f"(consistency models use --sampler consistency, diffusion models any other)")
-    if variance == "learned" and ckpt["net"]["out_channels"] != 2 * ckpt["net"]["in_channels"]:
-        raise SamplerError("--variance learned needs a checkpoint trained with learned sigma (2C output channels)")
+        denoise = eps_scaled(denoise, es_lambda)
+    variance = variance or ("learned" if learned else "fixed_large")
+    return ddpm_sample(denoise, z, alpha_bar, respace(str(steps)), generator, variance, clip_denoised)
 
 
 def nfe(name: str, steps: int) -> int:
@@ -454,84 +428,108 @@ def nfe(name: str, steps: int) -> int:
     return 2 * steps - 1 if name == "heun" else steps
 
 
+def save_samples(x: torch.Tensor, path: str) -> str:
+    """Write (N, C, H, W) uint8 images or (N, d) float points to path (.npz, key arr_0: NHWC uint8 as FID tools read
+    them, or float32 points) and a PNG beside it (a grid of the first 64 images, or a density image of the points),
+    each through a temporary file and a rename, so a crash never leaves half a file. Returns the PNG's path."""
+    if x.dim() == 2:
+        arr = x.float().numpy()
+        # same as data.save_scatter: keep in sync. 256 x 256 bins over [-1, 1]^2 (y up), darker = more points
+        counts, _, _ = np.histogram2d(-arr[:, 1].astype(np.float64), arr[:, 0].astype(np.float64), bins=256,
+                                      range=[[-1, 1], [-1, 1]])
+        level = np.clip(counts / max(np.percentile(counts[counts > 0], 99), 1) if counts.any() else counts, 0, 1)
+        picture = (255 * (1 - level)).astype(np.uint8)
+    else:
+        arr = x.permute(0, 2, 3, 1).numpy()  # (N, H, W, C)
+        # same layout as data.save_image_grid: keep in sync. A near-square grid with 2 px black padding
+        b, h, w, c = arr[:64].shape
+        ncol, pad = math.ceil(math.sqrt(b)), 2
+        picture = np.zeros((math.ceil(b / ncol) * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.uint8)
+        for i in range(b):
+            top, left = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
+            picture[top:top + h, left:left + w] = arr[i]
+        picture = picture[..., 0] if c == 1 else picture
+    png = os.path.splitext(path)[0] + ".png"
+    np.savez(path + ".tmp.npz", arr_0=arr)
+    os.replace(path + ".tmp.npz", path)
+    Image.fromarray(picture).save(png + ".tmp.png")
+    os.replace(png + ".tmp.png", png)
+    return png
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Sample a dpm_at.py / cm_at.py checkpoint to an .npz of uint8 images.")
+    p = argparse.ArgumentParser(description="Sample a dpm_at.py / cm_at.py checkpoint to an .npz of uint8 images.",
+                                allow_abbrev=False)
     a = p.add_argument
     a("--ckpt", required=True, help="checkpoint written by dpm_at.py or cm_at.py")
     a("--sampler", default="heun", help=f"one of {', '.join(SAMPLERS)}; default heun")
-    a("--steps", type=int, default=18, help="respaced steps (ddpm/es/ddim), Karras grid points (euler/heun: "
-                                            "Heun costs 2N-1 NFE), or consistency steps; default 18")
-    a("--num", type=int, default=64, help="number of images; default 64 (50000 for FID, SPEC §6)")
-    a("--out", default="samples.npz", help="output .npz (key arr_0, uint8 N x H x W x 3; float32 N x d for 2-D "
-                                           "points); a PNG grid (points: a scatter image) goes beside it")
-    a("--batch-size", type=int, default=256, help="images per batch; default 256 (SPEC §6)")
-    a("--seed", type=int, default=0, help="seed of the initial noise and of every later noise; default 0")
+    a("--steps", type=int, default=None, help="respaced steps (ddpm/es/ddim), Karras grid points (euler/heun; Heun "
+                                              "costs 2N-1 NFE) or consistency steps; default 18")
+    a("--seeds", default=None, help="one image per seed (EDM generate.py): 'A-B' (inclusive) or '0,5,7-9'; image i "
+                                    "depends on seed i only, not on --batch-size; default 0-63 (FID: 0-49999)")
+    a("--num", type=int, default=None, help="shorthand for --seeds 0-(num-1)")
+    a("--out", default="samples.npz", help="output .npz (arr_0: uint8 N x H x W x 3, or float32 N x d for 2-D "
+                                           "points), with a PNG grid (points: a density image) beside it")
+    a("--batch-size", type=int, default=256, help="images per network call (does not change them); default 256")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a("--weights", default="ema", choices=["ema", "model"], help="EMA (default, as evaluated in SPEC §1.7) or raw")
-    a("--variance", default=None, choices=["fixed_large", "fixed_small", "learned"],
-      help="ddpm/es variance; default learned for learned-sigma checkpoints, else fixed_large (SPEC §1.4)")
-    a("--es-lambda", type=float, default=1.017, help="epsilon-scaling lambda (SPEC §1.6, CIFAR-10); default 1.017")
-    a("--eta", type=float, default=0.0, help="DDIM eta (SPEC §1.5); default 0")
-    a("--s-churn", type=float, default=0.0, help="EDM S_churn for euler/heun (SPEC §2.4); default 0")
-    a("--precision", default=None, choices=["bf16", "fp32"],
-      help="network arithmetic: bf16 autocast (default on CUDA; the sampler's own arithmetic stays fp32) or fp32 "
-           "(default on CPU)")
+    a("--weights", default="ema", choices=["ema", "model"], help="EMA weights (default) or the raw model")
+    a("--variance", default=None, choices=["fixed_large", "fixed_small", "learned"], help="ddpm/es variance (IDDPM "
+      "Eq. 15); default learned for learned-sigma checkpoints, else fixed_large (DDPM Sec. 3.2)")
+    a("--es-lambda", type=float, default=1.017, help="epsilon-scaling lambda (Ning et al. 2024); default 1.017")
+    a("--eta", type=float, default=0.0, help="DDIM eta (DDIM Eq. 16); default 0")
+    a("--s-churn", type=float, default=0.0, help="EDM S_churn for euler/heun (EDM Alg. 2); default 0")
+    a("--ts", default=None, help="consistency grid indices from 0 to N-1, e.g. 0,22,39 (the CM paper's ImageNet-64 "
+                                 "two-step setting); default --steps spread evenly over the grid")
+    a("--no-clip-denoised", dest="clip_denoised", action="store_false", help="ddpm/es/ddim/consistency: reuse each "
+      "x_0 estimate unclamped; by default we clamp it to [-1, 1], as IDDPM's and the CM authors' samplers do")
+    a("--precision", default="fp32", choices=["fp32", "bf16"], help="network arithmetic; bf16 autocast is faster "
+      "on GPUs, but its effect on FID is not measured; default fp32")
     a("--compile", action="store_true", help="torch.compile the network (a one-time compile of a minute or more)")
-    args = p.parse_args(argv)
-    if args.precision is None:
-        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
-    return args
+    return p.parse_args(argv)
 
 
 def main(args: argparse.Namespace) -> None:
-    import numpy as np
-    from tqdm import tqdm
-
-    import data
-
+    if args.seeds is not None and args.num is not None:
+        raise SamplerError("give --seeds or --num, not both (--num n means --seeds 0-(n-1))")
+    if args.num is not None and args.num < 1:
+        raise SamplerError(f"--num must be >= 1, got {args.num}")
+    seed_text = "0-63" if args.seeds is None else args.seeds
+    seeds = list(range(args.num)) if args.num else parse_int_list(seed_text, "--seeds")
+    ts = parse_int_list(args.ts, "--ts") if args.ts is not None else None
+    if ts is not None and args.steps is not None:
+        raise SamplerError("give --steps or --ts, not both (--ts sets the consistency steps)")
+    steps = len(ts) - 1 if ts is not None else (18 if args.steps is None else args.steps)
     if args.sampler not in SAMPLERS:
         raise SamplerError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if args.steps < 1 or args.num < 1 or args.batch_size < 1:
-        raise SamplerError("--steps, --num and --batch-size must be >= 1")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
+    if steps < 1 or args.batch_size < 1:
+        raise SamplerError("--steps and --batch-size must be >= 1 (and --ts needs two indices at least)")
+    if not os.path.isdir(out_dir := os.path.dirname(os.path.abspath(args.out))):
         raise SamplerError(f"output folder {out_dir} does not exist")
     ckpt, net = load_model(args.ckpt, args.device, args.weights)
-    check_fits(ckpt, args.sampler, args.variance)
+    check_fits(ckpt, args.sampler, args.variance, ts)  # before the progress bar, so an error is one line
     net = fast_sampling(net, args.device, args.precision, args.compile)
-    if args.compile:
-        print("--compile: the first batch compiles the network (a minute or more), later batches are faster")
-    vector = ckpt["net"].get("arch") == "mlp"  # 2-D points (B, d) rather than images (B, C, S, S)
-    shape = (ckpt["net"]["in_channels"],) if vector else \
-        (ckpt["net"]["in_channels"], ckpt["net"]["image_size"], ckpt["net"]["image_size"])
-    print(f"{args.sampler}, {args.steps} steps = {nfe(args.sampler, args.steps)} NFE, {args.num} samples")
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    cfg = ckpt["net"]
+    vector = cfg.get("arch") == "mlp"  # 2-D points (B, d) rather than images (B, C, S, S)
+    shape = (cfg["in_channels"],) if vector else (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
+    print(f"{args.sampler}, {steps} steps = {nfe(args.sampler, steps)} NFE, {len(seeds)} samples, {args.precision}")
     batches = []
-    for start in tqdm(range(0, args.num, args.batch_size), desc="sampling"):
-        z = torch.randn((min(args.batch_size, args.num - start), *shape), generator=generator, device=args.device)
-        x = generate(ckpt, net, args.sampler, args.steps, z, generator, args)
+    for start in tqdm(range(0, len(seeds), args.batch_size), desc="sampling"):
+        # one generator per image: its initial noise and every later noise come from its own seed
+        gens = [torch.Generator(device=args.device).manual_seed(s) for s in seeds[start:start + args.batch_size]]
+        z = randn((len(gens), *shape), gens, args.device)
+        x = generate(ckpt, net, args.sampler, steps, z, gens, variance=args.variance, es_lambda=args.es_lambda,
+                     eta=args.eta, s_churn=args.s_churn, ts=ts, clip_denoised=args.clip_denoised)
         batches.append(x.float().cpu() if vector else ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).cpu())
-    images = torch.cat(batches)  # (N, C, H, W) uint8, or (N, d) float32 points
-    tmp = args.out + ".tmp.npz"
-    if vector:  # points keep their float coordinates; the picture is a scatter image of all of them
-        np.savez(tmp, arr_0=images.numpy())
-        os.replace(tmp, args.out)
-        data.save_scatter(images, os.path.splitext(args.out)[0] + ".png")
-        print(f"wrote {args.out} ({tuple(images.shape)}) and {os.path.splitext(args.out)[0]}.png")
-        return
-    np.savez(tmp, arr_0=images.permute(0, 2, 3, 1).numpy())  # the NHWC layout FID tools read
-    os.replace(tmp, args.out)
-    grid = os.path.splitext(args.out)[0] + ".png"
-    data.save_image_grid(images[:64], grid)
-    print(f"wrote {args.out} ({tuple(images.shape)}) and {grid}")
+    samples = torch.cat(batches)  # (N, C, H, W) uint8, or (N, d) float32 points
+    png = save_samples(samples, args.out)
+    print(f"wrote {args.out} ({tuple(samples.shape)}) and {png}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 1:
-        _demo()
-    else:
-        try:
+    try:
+        if len(sys.argv) == 1:
+            _demo()
+        else:
             main(parse_args())
-        except SamplerError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+    except SamplerError as e:
+        sys.exit(f"error: {e}")

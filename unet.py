@@ -1,13 +1,14 @@
 """The ADM UNet: the noise-prediction network eps_theta(x_t, t) (or EDM's F_theta(c_in x; c_noise)).
 
-Paper: Wang et al. 2025, arXiv:2502.17099v1; the backbone is ADM (reviews and the authors' code); SPEC §1.7.
+Paper: Wang et al. 2025, arXiv:2502.17099v1; the backbone is ADM, as in the authors' released code
+       (cifar_adv_train.sh; docs/method.md §4.4).
 Borrowed: ADM (Dhariwal & Nichol 2021, Sec. 3 / improved-diffusion and guided-diffusion `unet.py`): BigGAN-style
           up/down ResBlocks, scale-shift norm ("adaptive group norm"), multi-head attention at 16x16 and 8x8 with the
           "new attention order", zero-initialised output layers; sinusoidal embedding from the Transformer / DDPM.
-Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, sampler.py, toy_experiment.py.
+Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, sampler.py, experiments/.
 Run: python unet.py               (parameter counts and one forward per preset; full checks in tests/test_unet.py)
 
-For 2-D toy data (toy_experiment.py) the file also has a small residual MLP with the same time embedding,
+For 2-D toy data (experiments/toy_experiment.py) the file also has a small residual MLP with the same time embedding,
 `MLPDenoiser`; `build_from_config` rebuilds either network from a checkpoint's `net` dict.
 
 Symbols: noisy input x_t -> x, timestep t (VP index 0..999) or c_noise = ln(sigma)/4 (EDM Table 1) -> noise_label,
@@ -23,31 +24,28 @@ import torch.nn.functional as F
 
 # Sizes of the network. Each entry is a dict of UNet kwargs.
 PRESETS: dict[str, dict] = {
-    # SPEC §1.7, the authors' cifar_adv_train.sh (= improved-diffusion's CIFAR-10 flags with guided-diffusion's
+    # The authors' cifar_adv_train.sh (= improved-diffusion's CIFAR-10 flags with guided-diffusion's
     # resblock_updown, num_head_channels 32, new attention order): ADM's CIFAR-10 model.
     "cifar10": dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=3, attention_resolutions=(16, 8),
                     num_head_channels=32, dropout=0.3),
-    # [PROJECT] a few-minute CPU demo at 32x32: half width, three levels (32, 16, 8), attention only at 8x8.
+    # Ours: a few-minute CPU demo at 32x32: half width, three levels (32, 16, 8), attention only at 8x8.
     "small": dict(model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=2, attention_resolutions=(8,),
                   num_head_channels=32, dropout=0.1),
-    # [PROJECT] for unit tests: levels 32 and 16, one block each, attention at 16; fwd+bwd at batch 8 ~0.2 s on 2 cores.
+    # Ours, for unit tests: levels 32 and 16, one block each, attention at 16; fwd+bwd at batch 8 ~0.2 s on 2 cores.
     "tiny": dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
                  num_head_channels=32, dropout=0.0),
-    # [PROJECT] vectors (B, 2) of the 2-D point sets (data.py): the MLPDenoiser below, sized so that the toy
+    # Ours: vectors (B, 2) of the 2-D point sets (data.py): the MLPDenoiser below, sized so that the toy
     # experiment's 9 trainings and 5,000+ sampler calls fit in 15 minutes on a 2-core CPU.
     "mlp2d": dict(arch="mlp", hidden=128, depth=3, dropout=0.0),
 }
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back, so bf16/fp16 autocast cannot lose the statistics (as ADM).
+    """GroupNorm computed in float32 and cast back to the input dtype, so that bf16/fp16 autocast cannot lose the
+    statistics (ADM's GroupNorm32). Same parameters and function as nn.GroupNorm (Wu & He 2018, Eq. 1-3).
 
-    Same parameters and the same function as nn.GroupNorm (Wu & He 2018, Eq. 1-3: per sample and group, subtract the
-    mean and divide by sqrt(biased variance + eps) over the group's channels and all positions; then the per-channel
-    affine map). NCHW input, which every CPU run uses, goes to PyTorch's kernel. A channels_last input (the CUDA fast
-    path) takes the same formula written out on its NHWC memory, because on CUDA F.group_norm copies channels_last
-    input to NCHW and returns NCHW: a copy before every norm and another before the next convolution. Written out,
-    every op is a view, an elementwise op or a reduction, so nothing is copied and the output stays channels_last.
+    We considered a hand-written channels_last formula for the CUDA fast path (F.group_norm copies channels_last
+    input to NCHW there); it stays out until a GPU A/B run shows it faster.
     """
 
     def __init__(self, channels: int):
@@ -55,16 +53,7 @@ class GroupNorm32(nn.GroupNorm):
         super().__init__(math.gcd(32, channels), channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-            return super().forward(x.float()).to(x.dtype)
-        B, C, H, W = x.shape
-        g = x.float().permute(0, 2, 3, 1).reshape(B, H * W, self.num_groups, -1)  # views of NHWC memory
-        var, mean = torch.var_mean(g, dim=(1, 3), correction=0, keepdim=True)  # per (sample, group): (B, 1, G, 1)
-        gamma, beta = (p.view(1, 1, self.num_groups, -1) for p in (self.weight, self.bias))
-        # gamma (g - mean) / sqrt(var + eps) + beta, as one multiply-add over the activations: g * scale + shift
-        scale = torch.rsqrt(var + self.eps) * gamma
-        shift = beta - mean * scale
-        return torch.addcmul(shift, g, scale).reshape(B, H, W, C).permute(0, 3, 1, 2).to(x.dtype)
+        return super().forward(x.float()).to(x.dtype)
 
 
 def timestep_embedding(noise_label: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -1,5 +1,7 @@
-"""The perturbation steps of attacks.py: budgets, projection, ascent direction (SPEC §3.3, §5, T11)."""
+"""The perturbation steps of attacks.py: budgets, projection, ascent direction, PGD (docs/method.md §4.3, §6)."""
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,8 +9,11 @@ import torch
 import attacks
 
 
-def test_radius_T11():
-    """eta = 0.1 gives the l2 radii of SPEC T11 for CIFAR-10 and ImageNet-64 (r = eta sqrt(d))."""
+def test_radius_cifar10_and_imagenet64():
+    """eta = 0.1 gives the released code's l2 radius r = eta sqrt(d) for CIFAR-10 and ImageNet-64.
+
+    Closed form: 0.1 * sqrt(3072) = 3.2 sqrt(3) = 5.5425625842 and 0.1 * sqrt(12288) = 6.4 sqrt(3) = 11.0851251684.
+    """
     assert attacks.l2_radius(0.1, 3 * 32 * 32) == pytest.approx(5.5425625842, rel=1e-10)
     assert attacks.l2_radius(0.1, 3 * 64 * 64) == pytest.approx(11.0851251684, rel=1e-10)
 
@@ -48,7 +53,7 @@ def test_l2_no_projection_when_budget_nonpositive():
 
 
 def test_zero_gradient_is_safe():
-    """A zero gradient gives a zero step, not NaN (the 1e-8 clamp of SPEC §3.3)."""
+    """A zero gradient gives a zero step, not NaN (the released code's 1e-8 clamp, docs/method.md §4.3)."""
     out = attacks.l2_step(torch.zeros(2, 5), torch.zeros(2, 5), 0.1, radius=1.0)
     assert torch.equal(out, torch.zeros(2, 5))
 
@@ -90,3 +95,27 @@ def test_random_perturbation_on_sphere():
     b = attacks.random_perturbation(x, 2.0, torch.Generator().manual_seed(3))
     assert torch.equal(a, b)
     assert torch.allclose(a.flatten(1).norm(dim=1), torch.full((5,), 2.0), rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_pgd_random_start_is_seeded_and_in_ball(norm):
+    """With random_start, PGD starts on the l2 sphere (Madry et al. 2018's random start) or in the l-inf box, is
+    reproducible under a seeded generator and ends inside its ball."""
+    x = torch.zeros(3, 2, 4, 4)
+
+    def loss_fn(z):
+        return z.flatten(1).sin().sum(1)
+
+    radius = 0.5
+    runs = [attacks.pgd(loss_fn, x, radius, n_steps=2, norm=norm, generator=torch.Generator().manual_seed(1),
+                        random_start=True) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    size = runs[0].flatten(1).norm(dim=1) if norm == "l2" else runs[0].abs().flatten(1).amax(dim=1)
+    assert (size <= radius * (1 + 1e-6)).all()
+
+
+def test_attacks_never_updates_weights():
+    """attacks.py is perturbation math only: no optimizer, no backward, no EMA; the trainers own the weight update."""
+    source = Path(attacks.__file__).read_text()
+    for pattern in (r"backward", r"torch\.optim", r"\.step\(", r"zero_grad", r"\bema\b"):
+        assert not re.search(pattern, source, re.IGNORECASE), pattern

@@ -1,15 +1,34 @@
-"""benchmark.py runs on CPU and prints one well-formed JSON line per configuration (figures, never timed asserts)."""
+"""experiments/benchmark.py runs on CPU and prints one well-formed JSON line per configuration (figures, never timed
+asserts)."""
 import json
 import math
+import os
+import sys
 
-import benchmark
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import benchmark  # noqa: E402
+import unet  # noqa: E402
 
 
-def test_benchmark_cpu_lines(capsys, tmp_path):
-    args = benchmark.parse_args(["--device", "cpu", "--preset", "tiny", "--batch-sizes", "2", "--steps", "1",
-                                 "--no-compile", "--sample-batch", "2", "--profile", str(tmp_path / "prof.txt")])
-    benchmark.main(args)
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+def run(argv, capsys, monkeypatch) -> list[dict]:
+    """benchmark.py's lines for argv at test sizes: 8 x 8 images (the network is convolutional, so they run the same
+    code as CIFAR-10's 32 x 32 at a sixteenth of the cost) and one timed call per configuration, without warm-up."""
+    timed = benchmark.timed
+    monkeypatch.setattr(benchmark, "IMAGE", (3, 8, 8))
+    monkeypatch.setattr(benchmark, "timed", lambda fn, device, steps, warmup: timed(fn, device, 1, 0))
+    benchmark.main(benchmark.parse_args(["--device", "cpu", "--preset", "tiny", "--batch-sizes", "2", "--steps", "1",
+                                         "--no-compile", *argv]))
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+
+def test_benchmark_cpu_lines(capsys, tmp_path, monkeypatch):
+    """Every kind of line (sample, train with K = 0 and K = 3, net, profile) comes out, in order, without an error,
+    with finite positive figures."""
+    lines = run(["--sample-batch", "2", "--profile", str(tmp_path / "prof.txt")], capsys, monkeypatch)
     assert not [line for line in lines if "error" in line]
     kinds = [(line["kind"], line.get("adv_steps"), line.get("sampler")) for line in lines]
     assert kinds == [("sample", None, "heun"), ("sample", None, "ddim"), ("train", 0, None), ("train", 3, None),
@@ -19,19 +38,19 @@ def test_benchmark_cpu_lines(capsys, tmp_path):
         assert math.isfinite(train[key]) and train[key] > 0
     assert at["ms_per_update"] == round(at["ms_per_batch"] / 3, 2)  # K = 3 optimizer updates per data batch
     assert lines[0]["nfe"] == 35  # Heun with 18 points: 2N - 1
+    assert lines[0]["precision"] == "fp32"  # sampler.py's default precision
     assert "aten::convolution" in (tmp_path / "prof.txt").read_text()
+
+
+def test_kinds_selects_lines(capsys, monkeypatch):
+    """--kinds times only the kinds named (here the network's forward + backward alone)."""
+    assert [line["kind"] for line in run(["--kinds", "net"], capsys, monkeypatch)] == ["net"]
 
 
 def test_flop_count_scales_with_the_batch_and_bad_modes_are_refused():
     """The benchmark counts FLOPs on 2 images and scales them: that is only right if every layer's cost is linear in
     the batch, which a direct count at batch 6 checks. An unknown --compile-modes or --kinds entry is a one-line
     usage error."""
-    import pytest
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import unet
-
     net = unet.build_unet("tiny", learn_sigma=True)
     with FlopCounterMode(display=False) as counter:
         net(torch.randn(6, 3, 32, 32), torch.zeros(6)).float().square().mean().backward()
@@ -40,30 +59,3 @@ def test_flop_count_scales_with_the_batch_and_bad_modes_are_refused():
         benchmark.parse_args(["--compile-modes", "default,fastest"])
     with pytest.raises(SystemExit):
         benchmark.parse_args(["--kinds", "train,fid"])
-
-
-def test_native_groupnorm_switch(monkeypatch):
-    """--native-groupnorm (the A/B against GroupNorm32's channels_last formula) sends channels_last input to
-    F.group_norm, which the formula never calls; both give the same numbers."""
-    import torch
-
-    import unet
-
-    monkeypatch.setattr(unet.GroupNorm32, "forward", unet.GroupNorm32.forward)  # restored after the test
-    calls, group_norm = [], torch.nn.functional.group_norm
-    monkeypatch.setattr(torch.nn.functional, "group_norm", lambda *a, **k: calls.append(1) or group_norm(*a, **k))
-    gn = unet.GroupNorm32(64)
-    x = torch.randn(2, 64, 4, 4).contiguous(memory_format=torch.channels_last)
-    formula = gn(x)
-    assert not calls
-    assert benchmark.parse_args(["--native-groupnorm"]).native_groupnorm
-    benchmark.use_native_groupnorm()
-    assert torch.allclose(gn(x), formula, atol=1e-5) and calls
-
-
-def test_kinds_selects_lines(capsys):
-    args = benchmark.parse_args(["--device", "cpu", "--preset", "tiny", "--batch-sizes", "2", "--steps", "1",
-                                 "--no-compile", "--kinds", "train"])
-    benchmark.main(args)
-    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [(line["kind"], line["adv_steps"]) for line in lines] == [("train", 0), ("train", 3)]

@@ -1,12 +1,11 @@
-"""Consistency distillation with AT (cm_at.py): boundary condition (T8), CD toy (T13), the CD-AT step, a short
-distillation, and the cm_at.py CLI with sampler.py reading its checkpoint."""
+"""Consistency distillation with AT (cm_at.py): the boundary scalings, a 1-D Gaussian toy with an exact denoiser,
+the CD-AT step, a short distillation, and the cm_at.py CLI with sampler.py reading its checkpoint."""
 import copy
 import json
 import math
 import os
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -44,17 +43,19 @@ def teacher_ckpt(net: unet.UNet, net_config: dict, loss="edm", **extra) -> dict:
 
 
 def cd_args(**kw):
-    base = dict(adv_steps=3, adv_step_size=0.1, adv_budget=0.1, adv_space="vp", target_decay=0.0, ema_decay=0.99,
-                distance="l2", solver="heun")
-    return SimpleNamespace(**{**base, **kw})
+    """cm_at.train_step's keyword arguments, with the defaults of its command line (ema_decay: the shapes one)."""
+    return dict(dict(adv_steps=3, adv_step_size=0.1, adv_budget=0.1, adv_space="vp", target_decay=0.0,
+                     ema_decay=0.99, distance="l2", heun=True), **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# T8 and T13 (SPEC §7)
+# The boundary scalings and a 1-D Gaussian toy with an exact denoiser
 
 
-def test_boundary_scalings_T8():
-    """The CM boundary scalings c_skip, c_out match SPEC T8 at sigma = 0.002, 0.5, 1, 80 (CM App. C)."""
+def test_boundary_scalings():
+    """The CM boundary scalings (CM App. C) c_skip = sd^2/((s - s_min)^2 + sd^2), c_out = (s - s_min) sd /
+    sqrt(s^2 + sd^2), sd = 0.5, s_min = 0.002, evaluated by hand at sigma = 0.002, 0.5, 1, 80; e.g. at sigma = 1:
+    0.25/(0.998^2 + 0.25) = 0.2006414105 and 0.998 * 0.5 / sqrt(1.25) = 0.4463191683."""
     sigma = torch.tensor([0.002, 0.5, 1.0, 80.0], dtype=torch.float64)
     c_skip, c_out = sampler.cm_scalings(sigma, SIGMA_MIN, 0.5)
     assert c_skip[0].item() == 1.0 and c_out[0].item() == 0.0
@@ -67,7 +68,7 @@ def test_boundary_scalings_T8():
 
 
 def test_boundary_condition_exact():
-    """f(x, sigma_min) = x bit for bit for a random network (CM Sec. 3 boundary condition, SPEC §4.1), in the
+    """f(x, sigma_min) = x bit for bit for a random network (CM Sec. 3 boundary condition), in the
     float32 the student trains in, with sigma_min taken from the float64 Karras grid as cm_at.py does."""
     net = perturbed_unet(tiny_net())
     f = sampler.consistency_fn(net, SIGMA_MIN, 0.5)
@@ -79,12 +80,13 @@ def test_boundary_condition_exact():
 
 
 def gaussian_denoiser(x, sigma):
-    # SPEC T12/T13: exact D(x; sigma) for data y ~ N(0, 0.5^2)
+    # exact D(x; sigma) = E[y | y + sigma n = x] = 0.25 x / (0.25 + sigma^2) for data y ~ N(0, 0.5^2)
     return 0.25 * x / (0.25 + sampler.expand(sigma, x) ** 2)
 
 
 def ideal_consistency_fn(x, sigma):
-    # SPEC T13: the exact consistency function of the Gaussian toy, f(x, sigma_min) = x
+    # the exact consistency function of the Gaussian toy: the probability-flow ODE keeps x / sqrt(0.25 + sigma^2)
+    # constant, so f(x, sigma) = x sqrt((0.25 + s_min^2) / (0.25 + sigma^2)), and f(x, sigma_min) = x
     return x * ((0.25 + SIGMA_MIN**2) / (0.25 + sampler.expand(sigma, x) ** 2)).sqrt()
 
 
@@ -95,8 +97,9 @@ def t13_inputs():
     return x_hi, sigma_hi, sigma_lo
 
 
-def test_teacher_step_T13():
-    """The teacher's Heun and Euler steps from t_8 to t_9 on the 1-D Gaussian toy match SPEC T13 (CM Alg. 2)."""
+def test_teacher_step_gaussian_toy():
+    """The teacher's Heun and Euler steps (CM Alg. 2) from t_8 to t_9 of the N = 18 grid on the Gaussian toy
+    (y = 0.3, z = 1), against the two steps evaluated by hand with the exact denoiser above."""
     x_hi, sigma_hi, sigma_lo = t13_inputs()
     assert x_hi.item() == pytest.approx(3.55682152, abs=1e-8)
     heun = cm_at.teacher_step(gaussian_denoiser, x_hi, sigma_hi, sigma_lo, heun=True)
@@ -105,9 +108,9 @@ def test_teacher_step_T13():
     assert euler.item() == pytest.approx(2.134041387, abs=1e-9)
 
 
-def test_cd_loss_ideal_f_T13():
+def test_cd_loss_ideal_f():
     """With the ideal consistency function the CD loss is only the Heun step's error: (f(x_hi) - f(x_lo))^2 with
-    f(x_hi) = 0.5397378871, f(x_lo) = 0.5415718083 (SPEC T13); pseudo-Huber gives sqrt(e^2 + c^2) - c, c = 0.00054."""
+    f(x_hi) = 0.5397378871, f(x_lo) = 0.5415718083 (the closed-form f above); pseudo-Huber gives sqrt(e^2 + c^2) - c, c = 0.00054."""
     x_hi, sigma_hi, sigma_lo = t13_inputs()
     x_lo = cm_at.teacher_step(gaussian_denoiser, x_hi, sigma_hi, sigma_lo)
     assert ideal_consistency_fn(x_hi, sigma_hi).item() == pytest.approx(0.5397378871, abs=1e-9)
@@ -120,9 +123,10 @@ def test_cd_loss_ideal_f_T13():
     assert huber.item() == pytest.approx(math.sqrt(err**2 + 0.00054**2) - 0.00054, rel=1e-6)
 
 
-def test_two_step_sampler_T13(monkeypatch):
+def test_two_step_sampler_gaussian_toy(monkeypatch):
     """2-step consistency sampling with tau = (0, 22, 39) on the N = 40 grid and z_1 = 0.3 gives 0.31112339868
-    with the ideal f of the Gaussian toy (CM Alg. 1, SPEC T13)."""
+    with the ideal f of the Gaussian toy (CM Alg. 1): x0_hat = f(80, 80) = 0.49999423457, re-noised to
+    x_mid = x0_hat + 0.3 sqrt(t_22^2 - s_min^2) = 0.91470418752 (t_22 = 1.38236795665), output f(x_mid, t_22)."""
     monkeypatch.setattr(torch, "randn", lambda shape, **kw: torch.full(shape, 0.3, dtype=torch.float64))
     sigmas = sampler.karras_sigmas(40)[:-1]
     out = sampler.consistency_sample(ideal_consistency_fn, torch.ones(1, 1, dtype=torch.float64), sigmas, [0, 22, 39])
@@ -134,7 +138,8 @@ def test_two_step_sampler_T13(monkeypatch):
 
 
 def reference_cd_loss(teacher, student, target, x0, i, z, sigmas, sigma_data=0.5):
-    """Plain CD loss written out from SPEC §2.1, §4.1, §4.2, with no cm_at.py or sampler.py helpers."""
+    """Plain CD loss (CM Alg. 2, Heun teacher step, l2) with EDM Table 1's denoiser and CM App. C's
+    parameterisation written out here, with no cm_at.py or sampler.py helpers."""
     def scalings(s):
         s = s.float().view(-1, 1, 1, 1)
         return s, 1 / (s**2 + sigma_data**2).sqrt(), (s.log() / 4).flatten()
@@ -169,7 +174,7 @@ def cd_setup(seed=0, dropout=0.0):
 
 
 def test_cd_step_ema_rule_and_clean_loss():
-    """One CD batch with K = 1: the clean loss equals the plain CD loss of SPEC §4.2 computed independently, the
+    """One CD batch with K = 1: the clean loss equals the plain CD loss computed independently, the
     student moves, and the target and eval-EMA follow theta- <- mu theta- + (1 - mu) theta exactly (mu = 0.5)."""
     teacher, student, target, ema, opt = cd_setup()
     torch.manual_seed(1)
@@ -179,15 +184,15 @@ def test_cd_step_ema_rule_and_clean_loss():
     sigmas = sampler.karras_sigmas(18)[:-1]
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
     args = cd_args(adv_steps=1, target_decay=0.5, ema_decay=0.9)
-    clean, last, delta = cm_at.train_step(student, target, ema, opt, sampler.edm_denoiser(teacher), x0, sigmas, args,
-                                          torch.Generator().manual_seed(5))
+    clean, last, delta = cm_at.train_step(student, target, ema, opt, sampler.edm_denoiser(teacher), x0, sigmas,
+                                          torch.Generator().manual_seed(5), **args)
     g = torch.Generator().manual_seed(5)  # train_step draws i, then z
     i = torch.randint(0, 17, (4,), generator=g)
     z = torch.randn(x0.shape, generator=g)
     with torch.no_grad():
         expected = reference_cd_loss(teacher, student0, target0, x0, i, z, sigmas)
     assert clean.item() == pytest.approx(expected.item(), rel=1e-5) and clean.item() > 0
-    assert last.item() == clean.item() and delta.abs().max() == 0  # K = 1: one clean pass
+    assert last.item() == clean.item() and delta.item() == 0  # K = 1: one clean pass
     moved = [not torch.equal(a, b) for a, b in zip(student0.parameters(), student.parameters())]
     assert sum(moved) > len(moved) // 2
     for t0, t1, e0, e1, s1 in zip(target0.parameters(), target.parameters(), ema0.parameters(), ema.parameters(),
@@ -199,7 +204,7 @@ def test_cd_step_ema_rule_and_clean_loss():
 
 def test_gpu_layout_keeps_the_cd_step(monkeypatch):
     """cm_at.gpu_layout's channels_last weights and inputs (the CUDA layout, forced here on CPU) give the plain CD
-    loss of SPEC §4.2 written out independently, and the same K = 2 update as the default layout."""
+    loss written out independently, and the same K = 2 update as the default layout."""
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored afterwards
     sigmas = sampler.karras_sigmas(18)[:-1]
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
@@ -213,7 +218,7 @@ def test_gpu_layout_keeps_the_cd_step(monkeypatch):
             x = x0.contiguous(memory_format=torch.channels_last)
             assert student.input_conv.weight.is_contiguous(memory_format=torch.channels_last)
         clean, last, _ = cm_at.train_step(student, target, ema, opt, sampler.edm_denoiser(teacher), x, sigmas,
-                                          cd_args(adv_steps=2), torch.Generator().manual_seed(5))
+                                          torch.Generator().manual_seed(5), **cd_args(adv_steps=2))
         g = torch.Generator().manual_seed(5)  # train_step draws i, then z
         i, z = torch.randint(0, 17, (4,), generator=g), torch.randn(x0.shape, generator=g)
         with torch.no_grad():
@@ -226,9 +231,9 @@ def test_gpu_layout_keeps_the_cd_step(monkeypatch):
 
 
 def test_cd_at_delta_in_vp_ball(monkeypatch):
-    """CD-AT (SPEC §4.4) with K = 3: delta enters the student's input only, stays in the VP-space ball
-    ||delta|| <= eta sqrt(d) sqrt(1 + sigma_hi^2) (here it reaches it), the target pass is the clean one and is
-    recomputed after every inner step, and K optimizer steps are taken."""
+    """CD-AT (docs/method.md §5.4) with K = 3: delta enters the student's input only, in EDM space as
+    sqrt(1 + sigma_hi^2) times a VP delta of norm <= eta sqrt(d) (here it reaches it), the target pass is the clean one
+    and is recomputed after every inner step, and K optimizer steps are taken."""
     teacher, student, target, ema, opt = cd_setup()
     calls = []
     real_cd_loss = cm_at.cd_loss
@@ -242,26 +247,26 @@ def test_cd_at_delta_in_vp_ball(monkeypatch):
     args = cd_args(adv_steps=3, adv_budget=0.01, adv_step_size=5.0)  # a step longer than the ball: projection binds
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
     clean, last, delta = cm_at.train_step(student, target, ema, opt, sampler.edm_denoiser(teacher), x0,
-                                          sampler.karras_sigmas(18)[:-1], args, torch.Generator().manual_seed(2))
+                                          sampler.karras_sigmas(18)[:-1], torch.Generator().manual_seed(2), **args)
     assert len(calls) == 3 and calls[0]["delta"].abs().max() == 0
     radius = 0.01 * math.sqrt(3 * 8 * 8) * (1 + calls[0]["sigma_hi"] ** 2).sqrt().float()  # (B,)
     for c in calls[1:]:
         assert torch.allclose(attacks.per_sample_norm(c["delta"]).flatten(), radius, rtol=1e-5)
     assert torch.equal(calls[1]["x_lo"], calls[2]["x_lo"])  # one teacher step on the clean x_hi
     assert not torch.equal(calls[0]["target"], calls[1]["target"])  # theta- moved (mu = 0: it is the student)
-    assert torch.equal(delta, calls[2]["delta"])
+    assert delta.item() == pytest.approx(0.01 * math.sqrt(3 * 8 * 8), rel=1e-5)  # mean ||delta|| in VP units
     assert torch.isfinite(clean) and torch.isfinite(last)
     assert opt.state[next(iter(student.parameters()))]["step"].item() == 3
 
 
 def test_raw_space_radius():
-    """--adv-space raw uses the radius eta sqrt(d) and step alpha for every sigma (SPEC §3.6)."""
+    """--adv-space raw uses the radius eta sqrt(d) and step alpha as they are, for every sigma."""
     teacher, student, target, ema, opt = cd_setup()
     args = cd_args(adv_steps=2, adv_budget=0.01, adv_step_size=5.0, adv_space="raw")
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
-    _, _, delta = cm_at.train_step(student, target, ema, opt, sampler.edm_denoiser(teacher), x0,
-                                   sampler.karras_sigmas(18)[:-1], args, torch.Generator().manual_seed(3))
-    assert torch.allclose(attacks.per_sample_norm(delta).flatten(), torch.full((4,), 0.01 * math.sqrt(192)), rtol=1e-5)
+    _, _, delta_norm = cm_at.train_step(student, target, ema, opt, sampler.edm_denoiser(teacher), x0,
+                                   sampler.karras_sigmas(18)[:-1], torch.Generator().manual_seed(3), **args)
+    assert delta_norm.item() == pytest.approx(0.01 * math.sqrt(192), rel=1e-5)
 
 
 def test_dropout_mask_shared_with_target():
@@ -279,7 +284,7 @@ def test_dropout_mask_shared_with_target():
 
 def test_student_from_learned_sigma_teacher():
     """A learned-sigma ddpm teacher ([eps, v], 2C outputs) gives a C-output student with the teacher's EMA weights
-    and the first C channels of its output conv; its denoiser returns C channels (SPEC §1.2, §4.2)."""
+    and the first C channels of its output conv; its denoiser returns C channels (IDDPM Sec. 3.1 output layout)."""
     config = tiny_net(out_channels=6)
     teacher = perturbed_unet(config)
     ckpt = teacher_ckpt(teacher, config, loss="ddpm")
@@ -303,7 +308,7 @@ def shapes_x0(n, seed, size=8):
 
 @pytest.fixture(scope="module")
 def trained_teacher():
-    """A one-level tiny UNet trained for 100 steps with the EDM loss (SPEC §2.1) on 8x8 shapes (a few seconds)."""
+    """A one-level tiny UNet trained for 100 steps with the EDM loss (EDM Table 1) on 8x8 shapes (a few seconds)."""
     config = tiny_net(channel_mult=(1,))
     torch.manual_seed(0)
     net = unet.UNet(**config)
@@ -324,7 +329,7 @@ def trained_teacher():
 
 
 def test_distillation_lowers_cd_loss(trained_teacher):
-    """200 plain-CD steps (SPEC §4.2) lower the CD loss d(f(x_hi), f(x_lo)) of the student on a held-out batch with
+    """200 plain-CD steps (CM Alg. 2) lower the CD loss d(f(x_hi), f(x_lo)) of the student on a held-out batch with
     fixed sigma indices and noise. This shows that the loop optimises its objective on unseen data (not sample
     quality): the student starts as the teacher's denoiser, which is not a consistency function."""
     teacher, config = trained_teacher
@@ -349,7 +354,7 @@ def test_distillation_lowers_cd_loss(trained_teacher):
     start = held_out_loss()
     images, args = shapes_x0(256, 0), cd_args(adv_steps=0)
     for _ in range(200):
-        cm_at.train_step(student, target, ema, opt, denoise, data.random_batch(images, 8, g), sigmas, args, g)
+        cm_at.train_step(student, target, ema, opt, denoise, data.random_batch(images, 8, g), sigmas, g, **args)
     end = held_out_loss()
     assert end < 0.8 * start, (start, end)
 

@@ -1,12 +1,12 @@
 """Checks of data.py: CIFAR-10 reading, verifying, safe extraction and download (on tiny tarballs written here
-in the official format, never from the network), the shapes set, random batches, image folders, grids, CLI."""
+in the official format, never from the network), the shapes set, random batches, image folders, grids, CLI
+errors. The CLI's normal run is tested on a lone copy of data.py in tests/test_standalone.py."""
 
 import hashlib
 import math
 import io
 import os
 import pickle
-import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -240,15 +240,6 @@ def test_save_image_grid(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["grid.png", "u8.png"]  # no temp files left
     with pytest.raises(data.DatasetError, match="does not exist"):
         data.save_image_grid(x0, str(tmp_path / "missing" / "grid.png"))
-
-
-def test_cli_writes_a_grid(tmp_path):
-    """`python data.py --dataset shapes --out X.png` exits 0 and writes a grid of the requested images."""
-    out = tmp_path / "shapes.png"
-    run = subprocess.run([sys.executable, "data.py", "--dataset", "shapes", "--out", str(out), "--num", "16"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert Image.open(out).size == (4 * 34 + 2, 4 * 34 + 2)
 
 
 def test_cli_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):

@@ -20,7 +20,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 import eval_fid  # noqa: E402
 
-# FID_NOTES §1: exact key names of pytorch-fid's pt_inception-2015-12-05-6726825d.pth, with their shapes.
+# Key names and shapes of pytorch-fid's pt_inception-2015-12-05-6726825d.pth: torchvision's Inception3 module
+# names, which pytorch-fid 0.3.0's FIDInceptionA-E blocks keep, and the kernel sizes of its layers.
 PUBLISHED_KEYS = {
     "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
     "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
@@ -33,7 +34,7 @@ PUBLISHED_KEYS = {
     "Mixed_7a.branch7x7x3_2.conv.weight": (192, 192, 1, 7),
     "Mixed_7b.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
 }
-BRANCHES = {  # torchvision's branch names per block type (FID_NOTES §1)
+BRANCHES = {  # torchvision's branch names per block type (torchvision.models.inception, kept by pytorch-fid)
     "A": {"branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3",
           "branch_pool"},
     "B": {"branch3x3", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"},
@@ -81,8 +82,13 @@ def random_stats(n, d, seed):
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-def test_closed_forms_T14():
-    """FID of two 2-d Gaussians equals the hand-computed values of SPEC T14 (2.0 and 2.24784204342)."""
+def test_closed_forms():
+    """FID of two 2-d Gaussians equals hand-computed values (Heusel et al. 2017 formula).
+
+    Case 1: mu = (0,0) vs (1,0), S1 = I, S2 = diag(4, 1): |dmu|^2 = 1, tr S1 + tr S2 = 2 + 5, (S1 S2)^(1/2) =
+    diag(2, 1) with trace 3, so FID = 1 + 7 - 6 = 2. Case 2: mu2 = (1,1), S2 = [[2, .5], [.5, 1]]: |dmu|^2 = 2,
+    tr = 2 + 3; S2^(1/2) has trace sqrt(tr S2 + 2 sqrt(det S2)) = sqrt(3 + 2 sqrt(1.75)) = 2.37607897829 (the 2x2
+    identity tr(sqrt(A)) = sqrt(tr A + 2 sqrt(det A))), so FID = 2 + 5 - 2 * 2.37607897829 = 2.24784204342."""
     mu1, s1 = np.zeros(2), np.eye(2)
     fid = eval_fid.frechet_distance(mu1, s1, np.array([1.0, 0.0]), np.diag([4.0, 1.0]))
     assert fid == pytest.approx(2.0, abs=1e-12)
@@ -103,7 +109,7 @@ def test_rank_deficient_matches_eigvals_route():
 
 
 def test_matches_scipy_sqrtm():
-    """On rank-deficient stats our eigen route agrees with pytorch-fid's scipy.linalg.sqrtm formula (FID_NOTES §4)."""
+    """On rank-deficient stats our eigen route agrees with pytorch-fid's scipy.linalg.sqrtm formula."""
     linalg = pytest.importorskip("scipy.linalg")
     mu1, s1 = random_stats(30, 64, 3)
     mu2, s2 = random_stats(30, 64, 4)
@@ -191,7 +197,8 @@ def window_reference(x, op):
 @pytest.mark.parametrize("block, op", [(b, np.mean) for b in ["Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6b",
                                       "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7b"]] + [("Mixed_7c", np.max)])
 def test_pool_branch_semantics(block, op):
-    """Pool branches average without counting padding (TF), except Mixed_7c which max-pools (FID_NOTES §1)."""
+    """Pool branches average without counting padding (TF), except Mixed_7c which max-pools (pytorch-fid's
+    FIDInceptionE_2, inherited from the TF graph); the expected windows are computed by hand in numpy."""
     module = getattr(eval_fid.FIDInceptionV3(), block).eval()
     conv, bn = module.branch_pool.conv, module.branch_pool.bn
     with torch.no_grad():  # wire branch_pool as the identity on its first channels
@@ -317,14 +324,17 @@ def make_bad_input(kind, tmp_path):
 
 @pytest.mark.parametrize("kind, message", [("no_arr_0", "arr_0"), ("float", "uint8"), ("one_image", "at least 2"),
                                            ("empty_folder", "no images"), ("missing", "no such file")])
-def test_cli_bad_input_is_one_error_line(kind, message, tmp_path):
-    """Each bad input ends as exit code 1 with a single `error: ...` line on stderr, never a traceback."""
+def test_cli_bad_input_is_one_error_line(kind, message, tmp_path, capsys):
+    """Each bad input ends as exit code 1 with a single `error: ...` line on stderr (in-process, to save a Python
+    start per case; an uncaught exception would fail the test, and tests/test_standalone.py runs the real CLI)."""
     good = tmp_path / "good.npz"
     np.savez(good, np.zeros((4, 8, 8, 3), np.uint8))
-    result = run_cli(make_bad_input(kind, tmp_path), good, "--cache-dir", tmp_path / "cache", cwd=tmp_path)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    argv = [str(make_bad_input(kind, tmp_path)), str(good), "--cache-dir", str(tmp_path / "cache")]
+    with pytest.raises(SystemExit) as info:
+        eval_fid.main(eval_fid.parse_args(argv))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 1 and not (tmp_path / "cache").exists()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
 
 
 def test_cli_missing_weights_without_network(monkeypatch, tmp_path, capsys):
@@ -340,7 +350,8 @@ def test_cli_missing_weights_without_network(monkeypatch, tmp_path, capsys):
 
 
 def test_cli_happy_path(random_weights, tmp_path):
-    """Two image sets give a finite positive FID; the same set (folder of PNGs vs its saved stats) gives ~0."""
+    """Two image sets give a finite positive FID, and one set read as a folder of PNGs or as an npz gives the same
+    statistics (so FID ~0 between them); one input with --save-stats computes no FID."""
     rng = np.random.default_rng(0)
     a = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     b = np.clip(a.astype(int) // 2 + rng.integers(0, 40, a.shape), 0, 255).astype(np.uint8)
@@ -350,14 +361,13 @@ def test_cli_happy_path(random_weights, tmp_path):
     for i, image in enumerate(a):
         Image.fromarray(image).save(tmp_path / "a_png" / f"{i:05d}.png")
     common = ["--weights", random_weights, "--no-hash-check", "--device", "cpu", "--batch-size", 2]
-    first = run_cli("a.npz", "b.npz", "--save-stats", "a_stats.npz", *common, cwd=tmp_path)
+    first = run_cli("a_png", "b.npz", "--save-stats", "a_png_stats.npz", *common, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     fid_ab = float(first.stdout.split("FID:")[1])
-    second = run_cli("a_png", "a_stats.npz", *common, cwd=tmp_path)
-    assert second.returncode == 0, second.stderr
-    fid_aa = float(second.stdout.split("FID:")[1])
-    # 3 images in 2048-d give rank-2 covariances: the square roots of ~2046 round-off eigenvalues leave ~1e-6 tr(Σ)
-    with np.load(tmp_path / "a_stats.npz") as stats:
-        tolerance = 1e-5 * np.trace(stats["sigma"])
-    assert abs(fid_aa) < tolerance
+    second = run_cli("a.npz", "--save-stats", "a_stats.npz", *common, cwd=tmp_path)
+    assert second.returncode == 0 and "FID" not in second.stdout, second.stderr
+    with np.load(tmp_path / "a_png_stats.npz") as png, np.load(tmp_path / "a_stats.npz") as npz:
+        np.testing.assert_array_equal(png["mu"], npz["mu"])
+        np.testing.assert_array_equal(png["sigma"], npz["sigma"])
+        tolerance = 1e-5 * np.trace(npz["sigma"])
     assert np.isfinite(fid_ab) and fid_ab > 100 * tolerance

@@ -1,13 +1,13 @@
 """The README's "Does it work?" tables are copies of rows of the results files that the printed commands write.
 
-The sweep table is a column subset of results/toy/ring_sweep.md; every other README table row must be a row of a
-results table with the same header. Reruns that change the numbers must update the README too.
+The sweep table is a column subset of experiments/results/toy/ring_sweep.md; every other README table row must be a
+row of a results table with the same header. Reruns that change the numbers must update the README too.
 """
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = ["results/toy/ring.md", "results/toy/ring_batches.md", "results/toy/ring_sweep.md",
-           "results/robustness/shapes.md"]
+RESULTS = ["experiments/results/toy/ring.md", "experiments/results/toy/ring_batches.md",
+           "experiments/results/toy/ring_sweep.md", "experiments/results/robustness/shapes.md"]
 # README sweep column -> (sampler, column index in a sweep SW2 row [sampler, method, NFE 5, 10, 20, 50])
 SWEEP_COLUMNS = {"DDPM 10": ("ddpm", 3), "DDIM 10": ("ddim", 3), "DDIM 50": ("ddim", 5), "Heun 9": ("heun", 3),
                  "Heun 49": ("heun", 5)}
@@ -35,7 +35,7 @@ def test_readme_tables_match_results_files():
     readme = read("README.md")
     section = readme[readme.index("## Does it work?"):]
     result_tables = [t for path in RESULTS for t in tables(read(path))]
-    sweep = [row for t in tables(read("results/toy/ring_sweep.md")) for row in t]
+    sweep = [row for t in tables(read("experiments/results/toy/ring_sweep.md")) for row in t]
     checked = 0
     for header, *body in tables(section):
         if header[0].startswith("AT setting"):  # the sweep's column subset; the last column is Heun's exposure gap

@@ -1,12 +1,17 @@
-"""Checks of robustness.py's perturbations (SPEC §5): the budget in EDM space, and PGD beating a random direction."""
+"""Checks of experiments/robustness.py's perturbations (docs/method.md §6): the budget in EDM space, and PGD beating a
+random direction."""
 import math
+import os
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import attacks
-import robustness
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import robustness  # noqa: E402
 
 
 def linear_denoiser(x_e, sigma):
@@ -17,7 +22,8 @@ def linear_denoiser(x_e, sigma):
 
 
 def test_attack_radius_is_the_vp_budget_mapped_to_edm_space():
-    """||delta|| = gamma sqrt(d) sqrt(1 + sigma^2) for both kinds (SPEC §2.2, §5); PGD's change of D beats random."""
+    """||delta|| = gamma sqrt(d) sqrt(1 + sigma^2) for both kinds (docs/method.md §3.3, §6); PGD's change of D beats
+    random."""
     x_e = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     sigma = torch.tensor([0.0, 0.5, 1.0, 3.0], dtype=torch.float64)
     cfg = SimpleNamespace(pgd_steps=5)

@@ -1,11 +1,19 @@
-"""Schedules, respacing, posterior and samplers against the independent numbers of SPEC §7 (T1-T5, T12)."""
+"""Schedules, respacing, posterior, parameterisations and samplers (sampler.py) against independent numbers.
+
+Reference numbers were computed by us in float64 with separate scripts straight from the papers' formulas (IDDPM
+Eq. 17, DDPM Eq. 4/7, EDM Eq. 5 and Table 1, CM App. C), or by hand recursions of each sampler on 1-D Gaussian data
+y ~ N(0, 0.5^2), whose exact denoiser is D(x; sigma) = 0.25 x / (0.25 + sigma^2). Where a number has a closed form,
+the test computes it itself. The command line (checkpoint -> npz) is tested in test_sampler_cli.py.
+"""
 import math
-import os
+import statistics
 
 import pytest
 import torch
 
 import sampler
+
+SIGMA_MIN = 0.002
 
 
 def cosine_alpha_bar():
@@ -13,12 +21,29 @@ def cosine_alpha_bar():
 
 
 def gaussian_denoiser(x_e, sigma):
-    """Exact D(x; sigma) for data y ~ N(0, 0.5^2): E[y | y + sigma n = x] = 0.25 x / (0.25 + sigma^2) (SPEC T12)."""
+    """Exact D(x; sigma) for data y ~ N(0, 0.5^2): E[y | y + sigma n = x] = 0.25 x / (0.25 + sigma^2)."""
     return 0.25 * x_e / (0.25 + sampler.expand(sigma, x_e) ** 2)
 
 
-def test_cosine_schedule_T1():
-    """Cosine beta_t and alpha_bar_t (IDDPM Eq. 17, clipped at 0.999) match SPEC T1."""
+def karras_point(i: int, n: int) -> float:
+    """t_i of the n-point Karras grid (EDM Eq. 5, rho = 7, sigma in [0.002, 80]), in plain float arithmetic."""
+    return (80 ** (1 / 7) + i / (n - 1) * (SIGMA_MIN ** (1 / 7) - 80 ** (1 / 7))) ** 7
+
+
+def ideal_f_gain(s: float) -> float:
+    """The exact consistency function of the Gaussian toy is f(x, s) = x * g(s), this gain: the probability-flow ODE
+    dx/ds = (x - D)/s = x s / (0.25 + s^2) gives x(s) proportional to sqrt(0.25 + s^2), followed down to sigma_min."""
+    return math.sqrt((0.25 + SIGMA_MIN**2) / (0.25 + s**2))
+
+
+def ideal_f(x, sigma):
+    """f(x, sigma) = x g(sigma) as a tensor function, per row."""
+    return x * ((0.25 + SIGMA_MIN**2) / (0.25 + sampler.expand(sigma, x) ** 2)).sqrt()
+
+
+def test_cosine_schedule():
+    """Cosine beta_t and alpha_bar_t (IDDPM Eq. 17, beta clipped at 0.999) match values computed independently in
+    float64 from the closed form f(u) = cos^2((u + 0.008)/1.008 * pi/2)."""
     beta = sampler.make_beta("cosine")
     alpha_bar = sampler.alpha_bar_from_beta(beta)
     assert beta.dtype == torch.float64 and beta.shape == (1000,)
@@ -33,8 +58,9 @@ def test_cosine_schedule_T1():
     assert (1 - alpha_bar[499]).sqrt().item() == pytest.approx(0.71144670184, rel=1e-10)
 
 
-def test_linear_schedule_T2_and_monotone():
-    """Linear alpha_bar_t matches SPEC T2, and alpha_bar decreases strictly for both schedules (DDPM Eq. 4)."""
+def test_linear_schedule_and_monotone():
+    """Linear alpha_bar_t (DDPM Sec. 4, beta from 1e-4 to 0.02; products computed independently in float64) matches,
+    and alpha_bar decreases strictly for both schedules (DDPM Eq. 4)."""
     alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta("linear"))
     for t, ab in [(0, 0.9999), (1, 0.99978009207), (249, 0.52408537383), (499, 0.078587242882),
                   (749, 3.3505504389e-03), (999, 4.0358297654e-05)]:
@@ -60,13 +86,15 @@ def test_unknown_schedule():
     ("ddim20", list(range(0, 1000, 50))),
     ("ddim50", list(range(0, 1000, 20))),
 ])
-def test_respacing_T3(spec, expected):
-    """Respaced index sets of the "N" and "ddimN" rules match SPEC T3 (IDDPM Sec. 4, DDIM)."""
+def test_respacing(spec, expected):
+    """Respaced index sets (IDDPM Sec. 4: N points at float stride (T-1)/(N-1), each rounded; DDIM: the smallest
+    integer stride giving N points), written out by hand from those two rules."""
     assert sampler.respace(spec) == expected
 
 
-def test_respaced_beta_T4():
-    """Cosine respaced to "10" gives the betas of SPEC T4 and keeps alpha_bar at the kept indices."""
+def test_respaced_beta():
+    """Cosine respaced to "10": beta'_k = 1 - alpha_bar_{tau_k}/alpha_bar_{tau_{k-1}} (IDDPM Sec. 4) matches values
+    computed independently in float64, and the respaced chain keeps alpha_bar at the kept indices."""
     alpha_bar = cosine_alpha_bar()
     steps = sampler.respace("10")
     beta = sampler.respaced_beta(alpha_bar, steps)
@@ -77,8 +105,9 @@ def test_respaced_beta_T4():
     assert torch.allclose(sampler.alpha_bar_from_beta(beta), alpha_bar[steps], rtol=1e-12)
 
 
-def test_posterior_T5():
-    """Posterior mean coefficients and variance at cosine t = 499 match SPEC T5 (DDPM Eq. 7)."""
+def test_posterior():
+    """Posterior mean coefficients and variance at cosine t = 499 (DDPM Eq. 7) match values computed independently
+    in float64 from alpha_bar_499, alpha_bar_498 and beta_499."""
     c1, c2, beta_tilde = sampler.posterior(sampler.make_beta("cosine"))
     assert c1[499].item() == pytest.approx(0.0043745882261, rel=1e-9)
     assert c2[499].item() == pytest.approx(0.99535161947, rel=1e-9)
@@ -99,16 +128,17 @@ def test_q_sample_moments():
 
 @pytest.mark.parametrize("spec, expected", [("10", 0.42105365256), ("ddim10", 0.43355382443),
                                             ("1000", 0.49918929653)])
-def test_ddim_gaussian_T12(spec, expected):
-    """DDIM (eta = 0, clip on) with the exact Gaussian denoiser from x_T = 1 reaches SPEC T12's end points."""
-    alpha_bar = cosine_alpha_bar()
+def test_ddim_gaussian(spec, expected):
+    """DDIM (eta = 0, clip on; DDIM Eq. 12) with the exact Gaussian denoiser from x_T = 1 reaches the end points of
+    an independent float64 hand recursion of Eq. 12 with eps_hat = sqrt(1 - ab) x / (0.25 ab + 1 - ab)."""
     x_T = torch.ones(1, 1, dtype=torch.float64)
-    out = sampler.ddim_sample(gaussian_denoiser, x_T, alpha_bar, sampler.respace(spec))
+    out = sampler.ddim_sample(gaussian_denoiser, x_T, cosine_alpha_bar(), sampler.respace(spec))
     assert out.item() == pytest.approx(expected, rel=1e-8)
 
 
-def test_ancestral_mean_path_T12(monkeypatch):
-    """The ancestral sampler with its noise replaced by zeros follows the posterior-mean path of SPEC T12."""
+def test_ancestral_mean_path(monkeypatch):
+    """With its noise replaced by zeros, the ancestral sampler (DDPM Alg. 2) follows the posterior-mean path of an
+    independent float64 hand recursion of DDPM Eq. 7 on respaced "10" from x_T = 1 (end point 1.2320630e-05)."""
     monkeypatch.setattr(torch, "randn", lambda shape, **kw: torch.zeros(shape, dtype=kw.get("dtype")))
     out = sampler.ddpm_sample(gaussian_denoiser, torch.ones(1, 1, dtype=torch.float64), cosine_alpha_bar(),
                               sampler.respace("10"))
@@ -116,7 +146,8 @@ def test_ancestral_mean_path_T12(monkeypatch):
 
 
 def test_vp_denoiser_identity():
-    """vp_denoiser turns eps_theta into D(x_e; sigma) = x_e - sigma eps_theta(sqrt(ab) x_e, t) at the exact step t."""
+    """vp_denoiser turns eps_theta into D(x_e; sigma) = x_e - sigma eps_theta(sqrt(ab) x_e, t) at the exact step t
+    (EDM App. C.3)."""
     alpha_bar = cosine_alpha_bar()
     seen = {}
 
@@ -171,8 +202,34 @@ def test_stochastic_samplers_seeded(which):
     assert a.shape == (4, 3, 8, 8)
 
 
+@pytest.mark.parametrize("which", ["ddpm", "ddim_eta1", "heun_churn", "consistency_3step"])
+def test_per_row_generators_do_not_depend_on_batch(which):
+    """With one generator per row (initial noise and every later noise from it), a row is bit for bit the same
+    whether it is sampled in one batch of 6, in batches of 2, or alone; and the later noise does matter."""
+    alpha_bar = cosine_alpha_bar()
+
+    def run(seeds, later_offset=0):
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
+        z = sampler.randn((len(seeds), 3, 4, 4), gens, dtype=torch.float64)
+        gens = [torch.Generator().manual_seed(s + later_offset) for s in seeds] if later_offset else gens
+        if which == "ddpm":
+            return sampler.ddpm_sample(gaussian_denoiser, z, alpha_bar, sampler.respace("5"), gens)
+        if which == "ddim_eta1":
+            return sampler.ddim_sample(gaussian_denoiser, z, alpha_bar, sampler.respace("5"), gens, eta=1.0)
+        if which == "heun_churn":
+            sigmas = sampler.karras_sigmas(5)
+            return sampler.edm_sample(gaussian_denoiser, 80 * z, sigmas, generator=gens, S_churn=10.0)
+        return sampler.consistency_sample(ideal_f, z, sampler.karras_sigmas(18)[:-1], [0, 6, 12, 17], gens)
+
+    whole = run(range(6))
+    assert torch.equal(whole, torch.cat([run([0, 1]), run([2, 3]), run([4, 5])]))
+    assert torch.equal(whole[3:4], run([3]))
+    assert not torch.equal(whole, run(range(6), later_offset=100))  # same z, other later noise
+
+
 def test_fixed_small_variance_final_step_is_noise_free():
-    """With one step (x at T-1), ancestral returns the clipped x_0 prediction exactly: no noise on the last step."""
+    """With one step (x at T-1), ancestral returns the clipped x_0 prediction exactly: no noise on the last step
+    (DDPM Alg. 2, line 4)."""
     alpha_bar = cosine_alpha_bar()
     x_T = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     out = sampler.ddpm_sample(gaussian_denoiser, x_T, alpha_bar, [999], variance="fixed_small")
@@ -182,8 +239,9 @@ def test_fixed_small_variance_final_step_is_noise_free():
     assert torch.allclose(out, expected, rtol=1e-10)
 
 
-def test_karras_grid_T6():
-    """The EDM sigma grid (rho = 7) matches SPEC T6 for N = 18 and N = 40, ending in an exact sigma_min and 0."""
+def test_karras_grid():
+    """The EDM sigma grid (EDM Eq. 5, rho = 7) matches the closed form evaluated independently for N = 18 and
+    N = 40, ending in an exact sigma_min and then 0."""
     grid = sampler.karras_sigmas(18)
     expected = [80, 57.586, 40.7856, 28.3746, 19.3525, 12.9101, 8.40094, 5.31519, 3.25682, 1.92334, 1.08817,
                 0.585348, 0.296442, 0.139516, 0.0599473, 0.0229345, 0.00752802, 0.002, 0]
@@ -192,11 +250,14 @@ def test_karras_grid_T6():
     assert grid40[:5].tolist() == pytest.approx([80, 69.4509, 60.1174, 51.8803, 44.6302], rel=1e-5)
     assert grid40[-4:-1].tolist() == pytest.approx([0.00643711, 0.00367659, 0.002], rel=1e-5)
     assert grid40[22].item() == pytest.approx(1.38236795665, rel=1e-10)
+    assert grid40[22].item() == pytest.approx(karras_point(22, 40), rel=1e-12)
     assert grid40[-2].item() == 0.002
 
 
-def test_edm_preconditioning_T7():
-    """c_skip, c_out, c_in, c_noise (EDM Table 1) and lambda(sigma) match SPEC T7; c_skip -> 1, c_out -> 0 as sigma -> 0."""
+def test_edm_preconditioning():
+    """c_skip, c_out, c_in, c_noise (EDM Table 1, sigma_data = 0.5) and the loss weight lambda = (sigma^2 +
+    sigma_data^2)/(sigma sigma_data)^2, evaluated independently at sigma = 0.002, 0.5, 1, 80; c_skip -> 1, c_out -> 0
+    as sigma -> 0."""
     sigma = torch.tensor([0.002, 0.5, 1.0, 80.0], dtype=torch.float64)
     c_skip, c_out, c_in, c_noise = sampler.edm_precond(sigma)
     assert c_skip.tolist() == pytest.approx([0.9999840003, 0.5, 0.2, 3.906097418e-05], rel=1e-9)
@@ -210,34 +271,24 @@ def test_edm_preconditioning_T7():
     assert tiny[0].item() == pytest.approx(1.0) and tiny[1].item() == pytest.approx(0.0, abs=1e-8)
 
 
-def test_lognormal_sigma_quantiles_T7():
-    """EDM's training sigma, ln sigma ~ N(-1.2, 1.2^2), has the quantiles of SPEC T7 (sampled as in dpm_at.edm_batch)."""
+def test_lognormal_training_sigma_quantiles():
+    """EDM's training sigma drawn by dpm_at.edm_noise, ln sigma ~ N(-1.2, 1.2^2) (EDM Table 1), has the closed-form
+    quantiles exp(-1.2 + 1.2 Phi^-1(q)) (0.0184698, 0.0647086, 0.301194, 1.40195, 4.91169 at 1/10/50/90/99 %)."""
     import dpm_at
 
-    captured = {}
-    real = dpm_at.edm_loss
-
-    def spy(net, x, sigma, y, delta, target="delta_detach"):
-        captured["sigma"] = sigma
-        return torch.zeros(x.shape[0])
-
-    dpm_at.edm_loss = spy
-    try:
-        loss_of_delta, _, _ = dpm_at.edm_batch(None, torch.zeros(400_000, 1), None,
-                                               type("A", (), {"adv_space": "vp", "adv_target": "delta"}),
-                                               torch.Generator().manual_seed(0), None)
-        loss_of_delta(0.0)
-    finally:
-        dpm_at.edm_loss = real
-    q = torch.quantile(captured["sigma"][:100_000].double(), torch.tensor([0.01, 0.1, 0.5, 0.9, 0.99],
-                                                                           dtype=torch.float64))
-    assert q.tolist() == pytest.approx([0.0184698, 0.0647086, 0.301194, 1.40195, 4.91169], rel=0.03)
+    _, sigma, _, _ = dpm_at.edm_noise(torch.zeros(100_000, 1), torch.Generator().manual_seed(0))
+    qs = [0.01, 0.1, 0.5, 0.9, 0.99]
+    q = torch.quantile(sigma.double(), torch.tensor(qs, dtype=torch.float64))
+    expected = [math.exp(-1.2 + 1.2 * statistics.NormalDist().inv_cdf(p)) for p in qs]
+    assert expected == pytest.approx([0.0184698, 0.0647086, 0.301194, 1.40195, 4.91169], rel=1e-5)
+    assert q.tolist() == pytest.approx(expected, rel=0.03)
 
 
 @pytest.mark.parametrize("n, heun_end, euler_end", [(5, 1.2578863077, 0.2336289316), (10, 0.6097980008, 0.3652130651),
                                                      (18, 0.5276246370, 0.4230314364)])
-def test_heun_euler_gaussian_T12(n, heun_end, euler_end):
-    """EDM Heun and Euler from x = 80 with the exact Gaussian denoiser reach SPEC T12's end points, with NFE 2N-1 / N."""
+def test_heun_euler_gaussian(n, heun_end, euler_end):
+    """EDM Heun and Euler (EDM Alg. 2) from x = 80 with the exact Gaussian denoiser reach the end points of an
+    independent float64 hand recursion of Alg. 2 on the same grid, with NFE 2N-1 / N."""
     calls = []
 
     def counted(x, sigma):
@@ -254,9 +305,12 @@ def test_heun_euler_gaussian_T12(n, heun_end, euler_end):
 
 
 def test_heun_approaches_exact_ode():
-    """Heun's error to the exact ODE end point 0.49999023466 (SPEC T12) shrinks as the number of steps grows."""
+    """Heun's error to the exact ODE end point shrinks as the number of steps grows. For Gaussian data the ODE
+    dx/dsigma = x sigma / (0.25 + sigma^2) has x(0) = 80 * 0.5 / sqrt(0.25 + 80^2) = 0.49999023466 (closed form)."""
+    exact = 80 * 0.5 / math.sqrt(0.25 + 80**2)
+    assert exact == pytest.approx(0.49999023466, rel=1e-10)
     x = torch.full((1, 1), 80.0, dtype=torch.float64)
-    errors = [abs(sampler.edm_sample(gaussian_denoiser, x, sampler.karras_sigmas(n)).item() - 0.49999023466)
+    errors = [abs(sampler.edm_sample(gaussian_denoiser, x, sampler.karras_sigmas(n)).item() - exact)
               for n in (10, 18, 40, 100, 400)]
     assert all(a > b for a, b in zip(errors, errors[1:])) and errors[-1] < 1e-4
 
@@ -266,31 +320,62 @@ def test_edm_churn_is_seeded():
     x = torch.randn(2, 3, dtype=torch.float64) * 80
 
     def run(seed):
-        return sampler.edm_sample(gaussian_denoiser, x, sampler.karras_sigmas(10), generator=torch.Generator().manual_seed(seed),
-                                  S_churn=10.0)
+        return sampler.edm_sample(gaussian_denoiser, x, sampler.karras_sigmas(10),
+                                  generator=torch.Generator().manual_seed(seed), S_churn=10.0)
 
     assert torch.equal(run(0), run(0)) and not torch.equal(run(0), run(1))
     assert not torch.equal(run(0), sampler.edm_sample(gaussian_denoiser, x, sampler.karras_sigmas(10)))
 
 
-def test_cm_boundary_T8_and_two_step_T13(monkeypatch):
-    """CM scalings match SPEC T8; with the ideal consistency function, the 2-step sampler on (0, 22, 39) gives T13."""
+def test_cm_boundary_scalings():
+    """CM boundary scalings (CM App. C, sigma_min = 0.002, sigma_data = 0.5) match the closed form evaluated
+    independently: c_skip = 1 and c_out = 0 at sigma_min."""
     sigma = torch.tensor([0.002, 0.5, 1.0, 80.0], dtype=torch.float64)
     c_skip, c_out = sampler.cm_scalings(sigma)
     assert c_skip.tolist() == pytest.approx([1, 0.502004, 0.2006414105, 3.906292723e-05], rel=1e-6)
     assert c_out.tolist() == pytest.approx([0, 0.352139177, 0.4463191683, 0.4999777349], rel=1e-8)
 
-    def ideal(x, s):
-        return x * ((0.25 + 0.002**2) / (0.25 + sampler.expand(s, x) ** 2)).sqrt()
 
+def test_two_step_consistency_sampling(monkeypatch):
+    """With the ideal consistency function of the Gaussian toy and every noise draw fixed at 0.3, the 2-step sampler
+    on the 40-point grid at indices (0, 22, 39) (CM Alg. 1) gives the hand computation x_hat = 80 g(80),
+    x_mid = x_hat + 0.3 sqrt(t_22^2 - sigma_min^2), out = x_mid g(t_22) = 0.31112339868. Its estimates stay inside
+    [-1, 1], so the per-step clamp leaves it unchanged."""
+    t22 = karras_point(22, 40)
+    x_hat = 80 * ideal_f_gain(80)
+    expected = (x_hat + 0.3 * math.sqrt(t22**2 - SIGMA_MIN**2)) * ideal_f_gain(t22)
+    assert expected == pytest.approx(0.31112339868, rel=1e-9)
     monkeypatch.setattr(torch, "randn", lambda shape, **kw: torch.full(shape, 0.3, dtype=kw.get("dtype")))
-    out = sampler.consistency_sample(ideal, torch.ones(1, 1, dtype=torch.float64), sampler.karras_sigmas(40)[:-1],
-                                     [0, 22, 39])
-    assert out.item() == pytest.approx(0.31112339868, rel=1e-9)
+    for clip in (True, False):
+        out = sampler.consistency_sample(ideal_f, torch.ones(1, 1, dtype=torch.float64), sampler.karras_sigmas(40)[:-1],
+                                         [0, 22, 39], clip_denoised=clip)
+        assert out.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_consistency_clamps_each_estimate(monkeypatch):
+    """Multistep consistency sampling clamps each x_0 estimate to [-1, 1] before re-noising it (the default
+    clip_denoised=True of the CM authors' sampler), and with clip_denoised=False only the output. Hand computation,
+    ideal Gaussian-toy f, z = 3, noise 0.3, indices (0, 22, 39) of the 40-point grid: the first estimate
+    240 g(80) = 1.49998 leaves [-1, 1]; clamped, x_mid = 1 + 0.3 sqrt(t_22^2 - sigma_min^2) and out = x_mid g(t_22)
+    = 0.481193; unclamped, x_mid = 1.49998 + 0.3 sqrt(...) and out = 0.651255. Both end inside [-1, 1], so the final
+    clamp alone cannot tell them apart."""
+    t22 = karras_point(22, 40)
+    first = 240 * ideal_f_gain(80)
+    assert first > 1
+    clamped = (1 + 0.3 * math.sqrt(t22**2 - SIGMA_MIN**2)) * ideal_f_gain(t22)
+    unclamped = (first + 0.3 * math.sqrt(t22**2 - SIGMA_MIN**2)) * ideal_f_gain(t22)
+    assert (clamped, unclamped) == pytest.approx((0.4811931275, 0.6512550122), rel=1e-9)
+    monkeypatch.setattr(torch, "randn", lambda shape, **kw: torch.full(shape, 0.3, dtype=kw.get("dtype")))
+    z = torch.full((1, 1), 3.0, dtype=torch.float64)
+    sigmas = sampler.karras_sigmas(40)[:-1]
+    assert sampler.consistency_sample(ideal_f, z, sigmas, [0, 22, 39]).item() == pytest.approx(clamped, rel=1e-9)
+    out = sampler.consistency_sample(ideal_f, z, sigmas, [0, 22, 39], clip_denoised=False)
+    assert out.item() == pytest.approx(unclamped, rel=1e-9)
 
 
 def test_eps_scaling_identity():
-    """ES divides eps_hat by lambda: D' = x - sigma * eps_hat / lambda (SPEC §1.6), for plain and (x0, v) outputs."""
+    """ES divides eps_hat by lambda (Ning et al. 2024): D' = x - sigma * eps_hat / lambda, for plain and (x0, v)
+    outputs."""
     x = torch.randn(2, 3, dtype=torch.float64)
     sigma = torch.tensor([0.5, 2.0], dtype=torch.float64)
     eps_hat = (x - gaussian_denoiser(x, sigma)) / sigma[:, None]
@@ -301,7 +386,8 @@ def test_eps_scaling_identity():
 
 
 def test_learned_variance_interpolates():
-    """With v = +1 the learned ancestral step uses beta' (= fixed_large's noise), with v = -1 beta~' (fixed_small)."""
+    """With v = +1 the learned ancestral step (IDDPM Eq. 15) uses beta' (= fixed_large's noise), with v = -1 beta~'
+    (fixed_small)."""
     alpha_bar = cosine_alpha_bar()
     steps = sampler.respace("5")
     x_T = torch.randn(3, 2, 4, 4, dtype=torch.float64)
@@ -317,90 +403,3 @@ def test_learned_variance_interpolates():
     # fixed_large differs from v = +1 only in the k = 1 ... K-1 variance: beta' (equal) vs beta~'_1 at k = 0 (unused)
     assert torch.allclose(run("learned", 1.0), run("fixed_large", 0.0), rtol=1e-10)
     assert (beta[1:] > sampler.posterior(beta)[2][1:]).all()
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoints(tmp_path_factory):
-    """One-step dpm_at.py runs (ddpm with learned sigma, and edm) on tiny shapes: real checkpoints of each loss."""
-    import dpm_at
-
-    paths = {}
-    for loss, extra in [("ddpm", ["--learn-sigma", "--t-sampler", "loss-second-moment"]), ("edm", [])]:
-        out = tmp_path_factory.mktemp(loss)
-        dpm_at.main(dpm_at.parse_args(["--tiny", "--loss", loss, "--steps", "1", "--batch-size", "2", "--num-shapes",
-                                       "8", "--num-grid", "1", "--grid-steps", "1", "--out", str(out), "--device",
-                                       "cpu", *extra]))
-        paths[loss] = str(out / "ckpt.pt")
-    return paths
-
-
-@pytest.mark.parametrize("loss", ["ddpm", "edm"])
-@pytest.mark.parametrize("name", ["ddpm", "es", "ddim", "euler", "heun"])
-def test_every_sampler_on_every_loss(tiny_checkpoints, loss, name):
-    """A checkpoint of each loss samples with each sampler: right shape, the stated NFE, values in [-1, 1]."""
-    ckpt, net = sampler.load_model(tiny_checkpoints[loss])
-    calls = []
-    forward = net.forward
-    net.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]
-    args = sampler.parse_args(["--ckpt", "x"])
-    steps = 5
-    z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    x = sampler.generate(ckpt, net, name, steps, z, torch.Generator().manual_seed(0), args)
-    assert x.shape == (2, 3, 32, 32) and torch.isfinite(x).all()
-    assert x.min() >= -1 and x.max() <= 1
-    assert len(calls) == sampler.nfe(name, steps)
-
-
-def test_sampler_cli(tiny_checkpoints, tmp_path):
-    """The CLI writes a uint8 (N, H, W, 3) npz under arr_0 plus a PNG, identical for identical seeds; bad input gives
-    one-line errors."""
-    import numpy as np
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def run(*argv):
-        return subprocess.run([sys.executable, os.path.join(root, "sampler.py"), *argv], capture_output=True,
-                              text=True, timeout=300)
-
-    base = ["--ckpt", tiny_checkpoints["ddpm"], "--num", "3", "--batch-size", "2", "--device", "cpu"]
-    r = run(*base, "--sampler", "ddpm", "--steps", "4", "--out", str(tmp_path / "a.npz"))
-    assert r.returncode == 0, r.stderr
-    a = np.load(tmp_path / "a.npz")["arr_0"]
-    assert a.shape == (3, 32, 32, 3) and a.dtype == np.uint8 and (tmp_path / "a.png").exists()
-    sampler.main(sampler.parse_args([*base, "--sampler", "ddpm", "--steps", "4", "--out", str(tmp_path / "b.npz")]))
-    assert np.array_equal(a, np.load(tmp_path / "b.npz")["arr_0"])
-    for argv, expect in [(["--sampler", "nosuch"], "unknown sampler"), (["--steps", "0"], "--steps"),
-                         (["--sampler", "consistency"], "does not fit"),
-                         (["--out", str(tmp_path / "missing" / "x.npz")], "does not exist")]:
-        with pytest.raises(sampler.SamplerError, match=expect):
-            sampler.main(sampler.parse_args([*base, *argv]))
-    edm = ["--ckpt", tiny_checkpoints["edm"], "--variance", "learned", "--sampler", "ddpm", "--out",
-           str(tmp_path / "c.npz")]
-    with pytest.raises(sampler.SamplerError, match="learned sigma"):
-        sampler.main(sampler.parse_args(edm))
-    r = run("--ckpt", str(tmp_path / "a.npz"), "--out", str(tmp_path / "d.npz"))
-    assert r.returncode == 1 and "Traceback" not in r.stderr and r.stderr.strip().startswith("error:")
-
-
-def test_sampling_fast_path(tiny_checkpoints, tmp_path):
-    """fast_sampling leaves the CPU default untouched; bf16 autocast (the CUDA default) keeps the network's output
-    float32 and within bf16 rounding of fp32 (our tolerance: 3% of the output's RMS), and the CLI runs with it."""
-    import numpy as np
-
-    ckpt, net = sampler.load_model(tiny_checkpoints["ddpm"])
-    assert sampler.fast_sampling(net, "cpu") is net
-    with torch.no_grad():
-        for p in net.parameters():  # a fresh ADM net outputs zeros: give every layer weight
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
-    x, t = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), torch.tensor([0., 10., 500., 999.])
-    ref = net(x, t)
-    out = sampler.fast_sampling(net, "cpu", "bf16")(x, t)
-    assert out.dtype == torch.float32 and not torch.equal(out, ref)  # bf16 arithmetic did run
-    assert (out - ref).pow(2).mean().sqrt() < 0.03 * ref.pow(2).mean().sqrt()
-    assert sampler.parse_args(["--ckpt", "x", "--device", "cpu"]).precision == "fp32"
-    out_path = str(tmp_path / "bf16.npz")
-    sampler.main(sampler.parse_args(["--ckpt", tiny_checkpoints["ddpm"], "--num", "2", "--device", "cpu",
-                                     "--sampler", "ddim", "--steps", "3", "--precision", "bf16", "--out", out_path]))
-    assert np.load(out_path)["arr_0"].shape == (2, 32, 32, 3)

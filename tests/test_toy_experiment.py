@@ -1,13 +1,16 @@
-"""Checks of toy_experiment.py: the sliced W2 against closed forms, and the --quick run end to end."""
+"""Checks of experiments/toy_experiment.py: the sliced W2 against closed forms, and the --quick run end to end."""
 import json
 import math
+import os
 import re
+import sys
 
 import pytest
 import torch
 from PIL import Image
 
-import toy_experiment
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"))
+import toy_experiment  # noqa: E402
 
 
 def gaussian(n, mean, std, seed):
@@ -53,14 +56,15 @@ def test_quick_run_writes_finite_tables_and_a_figure(tmp_path):
     """`toy_experiment.py --quick` trains, samples and reports every method x sampler x NFE cell with finite numbers,
     and writes the Markdown table, the JSON record and the PNG figure (values are not checked: too few steps)."""
     argv = ["--quick", "--out", str(tmp_path)]
-    toy_experiment.main(toy_experiment.parse_args(argv), argv)
+    cfg = toy_experiment.parse_args(argv)
+    toy_experiment.main(cfg, argv)
     table = (tmp_path / "ring.md").read_text()
     cell = r"(-?[\d.]+|nan|inf) ± (-?[\d.]+|nan|inf)"
     for name in toy_experiment.SAMPLERS:
         for method in ("standard", "replay", "AT", "IP"):
             row = re.search(rf"^\| {name} \| {method} \|(.*)\|$", table, re.M)
             cells = re.findall(cell, row.group(1))
-            assert len(cells) == len(toy_experiment.NFES) and all(math.isfinite(float(v)) for c in cells for v in c)
+            assert len(cells) == len(cfg.nfe) == 2 and all(math.isfinite(float(v)) for c in cells for v in c)
             row = re.search(rf"^\| {name} \| {method} \| {cell} \| {cell} \|$", table, re.M)  # exposure table
             assert row and all(math.isfinite(float(v)) for v in row.groups())
     record = json.loads((tmp_path / "ring.json").read_text())

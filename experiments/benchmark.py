@@ -2,20 +2,20 @@
 
 Paper: Wang et al. 2025, arXiv:2502.17099v1; the cost of efficient AT (Sec. 4): K passes per data batch, each one
        forward/backward that serves both the weight update and the ascent step on delta.
-Uses: dpm_at.py (train_step, fast_path), unet.py, sampler.py (fast_sampling, generate), data.py. Like the tests,
-      this tool imports an entry script; nothing imports it.
-Run: python benchmark.py              (CUDA: the cifar10 preset at batch 128 and 512, eager and --compile;
-                                       CPU: the tiny preset at batch 8, so that it stays runnable on a laptop)
-     python benchmark.py --profile prof.txt   (also: a torch.profiler table of the batch-128 step's top kernels)
-     python benchmark.py --kinds train --batch-sizes 128 --compile-modes reduce-overhead [--native-groupnorm]
-                                              (the short A/B of GroupNorm32's channels_last formula)
+Uses: dpm_at.py (make_losses, train_step, fast_path), unet.py, sampler.py (fast_sampling, generate), data.py.
+      Used by: nothing.
+Run: python experiments/benchmark.py           (CUDA: the cifar10 preset at batch 128 and 512, eager and compiled;
+                                                CPU: the tiny preset at batch 8, so that it stays runnable on a laptop)
+     python experiments/benchmark.py --profile prof.txt   (also: a torch.profiler table of the step's top kernels)
+     python experiments/benchmark.py --kinds train --batch-sizes 128 --compile-modes reduce-overhead   (a short A/B)
 
 Kinds of line:
   train   one training step of dpm_at.py as `python dpm_at.py --dataset cifar10` runs it (hybrid loss, learned
           sigma, loss-second-moment t, on-device uint8 data with flips, optimizer, EMA), plain (K = 0) or AT (K = 3)
   net     the network's forward + backward alone on an MSE loss, no optimizer: what the rest of the step adds is
           the difference to the plain train line
-  sample  sampler.py's generate() through sampler.fast_sampling, as `python sampler.py` runs it
+  sample  sampler.py's generate() through sampler.fast_sampling, as `python sampler.py` runs it (one generator per
+          image, the command line's default precision)
 Timings are medians over >= 20 steps (3 sampler runs) after warm-up, each bracketed by a device synchronisation.
 Peak memory is read right after the timed steps (torch.cuda.max_memory_allocated, reset before the warm-up).
 FLOPs come from torch.utils.flop_counter on one forward+backward of 2 images, times batch/2 (no hand count).
@@ -23,16 +23,19 @@ FLOPs come from torch.utils.flop_counter on one forward+backward of 2 images, ti
 import argparse
 import copy
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
-import dpm_at
-import sampler
-import unet
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: the components
+import data  # noqa: E402
+import dpm_at  # noqa: E402
+import sampler  # noqa: E402
+import unet  # noqa: E402
 
 IMAGE = (3, 32, 32)  # CIFAR-10's shape; every preset here is built for it
 KINDS = ("train", "sample", "net")  # the kinds of timed line (see the docstring)
@@ -51,14 +54,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(the first is what dpm_at.py --compile uses on one GPU)")
     p.add_argument("--sample-batch", type=int, default=None, help="batch for sampler throughput; 1000 CUDA, 16 CPU")
     p.add_argument("--profile", default=None, metavar="FILE",
-                   help="write a torch.profiler table (top 40 ops by device time) of the first batch size's plain "
-                        "step, compiled (mode default: CUDA graphs would hide the kernels) if --compile, to FILE")
+                   help="write a torch.profiler table (top 40 ops by device time, over min(--steps, 5) steps) of "
+                        "the first batch size's plain step, compiled (mode default: CUDA graphs would hide the "
+                        "kernels) if --compile, to FILE")
     p.add_argument("--kinds", default="train,sample,net",
                    help="comma list of the kinds of line to time (train, sample, net); default all. --kinds train "
                         "with --batch-sizes 128 is the short run for an A/B")
-    p.add_argument("--native-groupnorm", action="store_true",
-                   help="A/B: PyTorch's group_norm kernel in every layout (on CUDA it copies channels_last input to "
-                        "NCHW), instead of GroupNorm32's channels_last formula")
     args = p.parse_args(argv)
     bad = [m for m in args.compile_modes.split(",") if m and m not in dpm_at.COMPILE_MODES]
     if bad:
@@ -68,11 +69,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if bad:
         p.error(f"--kinds: unknown kind(s) {', '.join(bad)}; choose from {', '.join(KINDS)}")
     return args
-
-
-def use_native_groupnorm() -> None:
-    """What unet.GroupNorm32 did before it kept channels_last: F.group_norm in float32 for every layout."""
-    unet.GroupNorm32.forward = lambda self, x: torch.nn.GroupNorm.forward(self, x.float()).to(x.dtype)
 
 
 def sync(device: str) -> None:
@@ -113,30 +109,40 @@ def flops_per_image_pass(net, device: str) -> float:
     return counter.get_total_flops() / 2
 
 
-def train_args(device: str, batch_size: int, adv_steps: int, compile_mode: str | None) -> argparse.Namespace:
-    """The cifar10 recipe's training flags (SPEC §1.7, §3.4), as dpm_at.py resolves them."""
-    argv = ["--dataset", "cifar10", "--device", device, "--batch-size", str(batch_size), "--adv-steps",
-            str(adv_steps)] + (["--compile", "--compile-mode", compile_mode] if compile_mode else [])
-    return dpm_at.resolve_args(dpm_at.parse_args(argv))
+def train_args(device: str, batch_size: int) -> argparse.Namespace:
+    """The cifar10 recipe's training flags (the authors' cifar_adv_train.sh), as dpm_at.py resolves them."""
+    return dpm_at.resolve_args(dpm_at.parse_args(["--dataset", "cifar10", "--device", device, "--batch-size",
+                                                  str(batch_size)]))
+
+
+def autocast_for(args: argparse.Namespace):
+    # as dpm_at.main: bf16 autocast around the K passes (the default on CUDA), weights and delta stay fp32
+    return torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.precision == "bf16")
 
 
 def make_train_step(preset: str, batch_size: int, adv_steps: int, compile_mode: str | None, device: str):
-    """(step function, network, resolved args) for one dpm_at.py training step of the cifar10 recipe."""
-    args = train_args(device, batch_size, adv_steps, compile_mode)
+    """(step function, network, resolved args) for one dpm_at.py training step of the cifar10 recipe, set up as
+    dpm_at.main sets it up."""
+    args = train_args(device, batch_size)
     torch.manual_seed(0)
     net = unet.build_unet(preset, learn_sigma=args.learn_sigma).to(device)
+    train_net, opt = dpm_at.fast_path(net, device, args.lr, compile_mode)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    train_net, opt, autocast = dpm_at.fast_path(net, args)
     alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta(args.schedule)).to(device)
-    T = alpha_bar.shape[0]
-    t_state = dict(history=torch.zeros(T, 10, device=device), count=torch.zeros(T, dtype=torch.long, device=device))
-    images = torch.randint(0, 256, (4096, 3, 32, 32), dtype=torch.uint8, device=device)
+    t_state = dpm_at.make_t_state(len(alpha_bar), device)  # the recipe's loss-second-moment t-sampler
     generator = torch.Generator(device=device).manual_seed(0)
+    noise_fn, loss_fn = dpm_at.make_losses(args.loss, alpha_bar, generator, t_state=t_state,
+                                           adv_target=args.adv_target)
+    at = dict(adv_steps=adv_steps, adv_step_size=args.adv_step_size, adv_budget=args.adv_budget,
+              adv_norm=args.adv_norm, adv_step_scale=args.adv_step_scale, ema_decay=args.ema_decay, t_state=t_state)
+    images = torch.randint(0, 256, (4096, *IMAGE), dtype=torch.uint8, device=device)
+    autocast = autocast_for(args)
 
     def step():
-        x0 = dpm_at.to_input_layout(data.random_batch(images, batch_size, generator), args)
+        x0 = data.random_batch(images, batch_size, generator)
+        x0 = x0.contiguous(memory_format=torch.channels_last) if device.startswith("cuda") else x0
         with autocast:
-            dpm_at.train_step(train_net, ema, opt, x0, alpha_bar, args, generator, t_state)
+            dpm_at.train_step(train_net.train(), ema, opt, x0, noise_fn, loss_fn, **at)
 
     return step, net, args
 
@@ -159,12 +165,14 @@ def bench_train(preset: str, batch_size: int, adv_steps: int, compile_mode: str 
 def bench_net(preset: str, batch_size: int, compile_mode: str | None, device: str, steps: int) -> dict:
     """Forward + backward of the network alone (MSE on the eps channels), with dpm_at.py's fast-path settings."""
     reset_peak(device)
-    args = train_args(device, batch_size, 0, compile_mode)
+    args = train_args(device, batch_size)
     torch.manual_seed(0)
     net = unet.build_unet(preset, learn_sigma=args.learn_sigma).to(device)
-    train_net, _, autocast = dpm_at.fast_path(net, args)
-    x = dpm_at.to_input_layout(torch.randn(batch_size, *IMAGE, device=device), args)
+    train_net, _ = dpm_at.fast_path(net, device, args.lr, compile_mode)
+    x = torch.randn(batch_size, *IMAGE, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if device.startswith("cuda") else x
     t = torch.randint(0, 1000, (batch_size,), device=device).float()
+    autocast = autocast_for(args)
 
     def step():
         net.zero_grad(set_to_none=True)
@@ -181,28 +189,31 @@ def bench_net(preset: str, batch_size: int, compile_mode: str | None, device: st
 
 
 def sampling_net(preset: str, device: str, compile_: bool):
-    """A cifar10-shaped learned-sigma network through sampler.fast_sampling, as sampler.py's main prepares it."""
+    """A cifar10-shaped learned-sigma network through sampler.fast_sampling, as sampler.py's main prepares it;
+    returns (network, precision): the command line's default precision."""
     torch.manual_seed(0)
     net = unet.build_unet(preset, learn_sigma=True).to(device).eval().requires_grad_(False)
     for p in net.parameters():  # fresh ADM nets output zeros; give them real work
         p.add_(0.01 * torch.randn_like(p))
-    args = sampler.parse_args(["--ckpt", "-", "--device", device] + (["--compile"] if compile_ else []))
-    return sampler.fast_sampling(net, device, args.precision, args.compile), args
+    precision = sampler.parse_args(["--ckpt", "-"]).precision
+    return sampler.fast_sampling(net, device, precision, compile_), precision
 
 
-def bench_sampler(net, args, name: str, steps: int, batch_size: int, device: str) -> dict:
+def bench_sampler(net, precision: str, compiled: bool, name: str, steps: int, batch_size: int, device: str) -> dict:
     ckpt = dict(kind="dpm", loss="ddpm", schedule="cosine", net=dict(in_channels=3, out_channels=6))
-    z = torch.randn(batch_size, *IMAGE, device=device)
-    g = torch.Generator(device=device).manual_seed(0)
-    ms = statistics.median(timed(lambda: sampler.generate(ckpt, net, name, steps, z, g, args), device, 3, warmup=1))
+    # as sampler.py's main: one generator per image (seeds 0..B-1), for its initial noise and every later noise
+    gens = [torch.Generator(device=device).manual_seed(s) for s in range(batch_size)]
+    z = sampler.randn((batch_size, *IMAGE), gens, device)
+    ms = statistics.median(timed(lambda: sampler.generate(ckpt, net, name, steps, z, gens), device, 3, warmup=1))
     img_per_s = batch_size / ms * 1000
     return dict(kind="sample", sampler=name, steps=steps, nfe=sampler.nfe(name, steps), batch=batch_size,
-                compiled=args.compile, precision=args.precision, img_per_s=round(img_per_s, 1),
+                compiled=compiled, precision=precision, img_per_s=round(img_per_s, 1),
                 minutes_for_50k=round(50_000 / img_per_s / 60, 2))
 
 
-def profile(preset: str, batch_size: int, compile_mode: str | None, device: str, path: str) -> None:
-    """torch.profiler over 5 steps after warm-up; the table of the top ops by device (or CPU) time goes to path."""
+def profile(preset: str, batch_size: int, compile_mode: str | None, device: str, path: str, steps: int = 5) -> None:
+    """torch.profiler over `steps` steps after warm-up; the table of the top ops by device (or CPU) time goes to
+    path."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -211,12 +222,12 @@ def profile(preset: str, batch_size: int, compile_mode: str | None, device: str,
     cuda = device.startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch_profile(activities=activities) as prof:
-        for _ in range(5):
+        for _ in range(steps):
             step()
         sync(device)
     table = prof.key_averages().table(sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40)
     with open(path, "w") as f:
-        f.write(f"# plain training step, preset {preset}, batch {batch_size}, compile {compile_mode}, 5 steps\n")
+        f.write(f"# plain training step, preset {preset}, batch {batch_size}, compile {compile_mode}, {steps} steps\n")
         f.write(table)
     print(json.dumps(dict(kind="profile", batch=batch_size, compiled=compile_mode or False, file=path)), flush=True)
 
@@ -229,11 +240,8 @@ def main(args: argparse.Namespace) -> None:
     batches = [int(b) for b in (args.batch_sizes or ("128,512" if cuda else "8")).split(",")]
     compile_ = cuda if args.compile is None else args.compile
     modes = [m for m in args.compile_modes.split(",") if m] if compile_ else []
-    if args.native_groupnorm:
-        use_native_groupnorm()
     if cuda:
-        print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
-                              groupnorm="native" if args.native_groupnorm else "channels_last")), flush=True)
+        print(json.dumps(dict(device=torch.cuda.get_device_name(), torch=torch.__version__)), flush=True)
     sample_batch = args.sample_batch or (1000 if cuda else 16)
     kinds = args.kinds.split(",")
     for mode in modes if "train" in kinds else []:
@@ -241,12 +249,12 @@ def main(args: argparse.Namespace) -> None:
             report(bench_train, preset, batches[0], k, mode, args.device, args.steps)
     for c in (([True] if compile_ else []) + [False]) if "sample" in kinds else []:
         try:
-            net, sample_args = sampling_net(preset, args.device, c)
+            net, precision = sampling_net(preset, args.device, c)
         except Exception as e:  # reported like a failing configuration
             print(json.dumps(dict(kind="sample", compiled=c, error=repr(e)[:300])), flush=True)
             continue
         for name, steps in (("heun", 18), ("ddim", 10)):
-            report(bench_sampler, net, sample_args, name, steps, sample_batch, args.device)
+            report(bench_sampler, net, precision, c, name, steps, sample_batch, args.device)
         del net
     for mode in modes if "net" in kinds else []:
         report(bench_net, preset, batches[0], mode, args.device, args.steps)
@@ -256,7 +264,8 @@ def main(args: argparse.Namespace) -> None:
     if "net" in kinds:
         report(bench_net, preset, batches[0], None, args.device, args.steps)
     if args.profile:
-        report(profile, preset, batches[0], "default" if modes else None, args.device, args.profile)
+        report(profile, preset, batches[0], "default" if modes else None, args.device, args.profile,
+               min(args.steps, 5))
 
 
 def report(fn, *a):

@@ -2,8 +2,8 @@
 
 Paper: Wang et al. 2025, arXiv:2502.17099v1; nothing here is from the paper. The experiment scripts use it to
        draw their results (the project uses no matplotlib, so that requirements.txt stays torch/numpy/pillow/tqdm).
-Uses: nothing from this repo.     Used by: toy_experiment.py, robustness.py.
-Run: python figures.py --out demo.png   (a demo figure; the experiment tests check the real ones)
+Uses: nothing from this repo.     Used by: experiments/toy_experiment.py, experiments/robustness.py.
+Run: python experiments/figures.py --out demo.png   (a demo figure; the experiment tests check the real ones)
 
 A figure is a white PIL image; each panel is drawn into a box (left, top, right, bottom) in pixels.
 """

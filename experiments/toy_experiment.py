@@ -1,24 +1,24 @@
 """Does AT on x_t help few-step sampling? Standard vs AT vs input perturbation on 2-D data, on a laptop CPU.
 
 Paper: Wang et al. 2025, arXiv:2502.17099v1; claim (1) of the abstract and Sec. 3: the sampler's x_t drifts from
-       q(x_t) ("exposure bias"), and DRO over a ball around q(x_t), i.e. AT on x_t (SPEC §3.1-3.4), shrinks the gap
-       between generated and data distributions when sampling with few steps.
+       q(x_t) ("exposure bias"), and DRO over a ball around q(x_t), i.e. AT on x_t (Sec. 4; docs/method.md §4),
+       shrinks the gap between generated and data distributions when sampling with few steps.
 Borrowed: DDPM-IP baseline (Ning et al. 2023, Alg. 1); the variance view of exposure bias (Ning et al. 2024,
           "Elucidating the exposure bias in diffusion models", Sec. 3); sliced Wasserstein distance (Rabin et al.
           2011; Bonneel et al. 2015, Eq. 4).
-Uses: data.py, unet.py, sampler.py, figures.py, and dpm_at.py's train_step (imported like the tests do: this script
-      is an experiment around the entry scripts, not one of them).     Used by: nothing.
+Uses: data.py, unet.py, sampler.py, dpm_at.py (make_losses, train_step, fast_path), figures.py.     Used by: nothing.
 
-    python toy_experiment.py              # ring, 3 seeds x 4 methods; results/toy/ring.{md,png,json} (~11 min)
-    python toy_experiment.py --sweep      # AT's eta / alpha / K one at a time (~20 min); results/toy/ring_sweep.*
-    python toy_experiment.py --budget batches   # every method sees 2400 batches, AT makes 3x the steps (~20 min)
-    python toy_experiment.py --quick --out /tmp/toy   # seconds: the whole pipeline at toy sizes (the test runs this)
+    python experiments/toy_experiment.py          # ring, 3 seeds x 4 methods (~13 min): experiments/results/toy/ring.*
+    python experiments/toy_experiment.py --sweep  # AT's eta / alpha / K one at a time (~20 min): .../ring_sweep.*
+    python experiments/toy_experiment.py --budget batches  # all see 2400 batches (~17 min): .../ring_batches.*
+    python experiments/toy_experiment.py --quick --out /tmp/toy   # seconds: the whole pipeline at toy sizes (the test)
 
 Design. Every method trains the same MLP (unet "mlp2d") from the same seed with the same number of optimizer steps:
-AT with K passes makes K optimizer steps per data batch (SPEC §3.4), so standard and IP get K times its batches
-(matched optimizer steps = matched forward/backward passes; AT sees 1/K of the data batches); --budget batches
-matches the data batches instead (AT then costs K times the compute). "replay" is AT with alpha = 0 (delta stays
-0): AT's batches and passes without the perturbation, which separates the two effects.
+AT with K passes makes K optimizer steps per data batch (Shafahi et al. 2019, Alg. 1; docs/method.md §4.4), so
+standard and IP get K times its batches (matched optimizer steps = matched forward/backward passes; AT sees 1/K of
+the data batches); --budget batches matches the data batches instead (AT then costs K times the compute). "replay"
+is AT with alpha = 0 (delta stays 0): AT's batches and passes without the perturbation, which separates the two
+effects.
 Each EMA model samples n_eval points with DDPM ancestral (respacing "N", fixed_small variance), DDIM ("ddimN") and
 Heun (Karras grid, D clipped to [-1, 1]) at NFE 5, 10, 20, 50 (Heun: N = (NFE + 1)//2 grid points, i.e. NFE 5, 9,
 19, 49), all methods from the same initial noise. The distance to n_eval fresh data points is the sliced
@@ -33,20 +33,23 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
 import torch
 
-import data
-import dpm_at
-import figures
-import sampler
-import unet
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: the components
+import data  # noqa: E402
+import dpm_at  # noqa: E402
+import figures  # noqa: E402
+import sampler  # noqa: E402
+import unet  # noqa: E402
 
 NFES = (5, 10, 20, 50)
 SAMPLERS = ("ddpm", "ddim", "heun")
 EXPOSURE_NFE = 10
+OUT = os.path.join("experiments", "results", "toy")  # relative to the working directory: run from the repo root
 
 
 def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_proj: int = 256) -> float:
@@ -71,47 +74,49 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_proj: int = 256) -> f
 
 
 def method_table(cfg) -> dict:
-    """name -> (dpm_at.py flags, data batches, optimizer steps per batch). --budget steps (default): every method
-    makes K * at_batches optimizer steps; --budget batches: every method sees K * at_batches data batches, so a
-    method with k passes makes k times as many optimizer steps (the paper's own count: 200K AT batches, SPEC §1.7)."""
+    """name -> (keywords of the method, data batches, optimizer steps per batch). --budget steps (default): every
+    method makes K * at_batches optimizer steps; --budget batches: every method sees K * at_batches data batches, so a
+    method with k passes makes k times as many optimizer steps (the paper's own count: 200K AT batches in the
+    authors' released code, cifar_adv_train.sh). The keywords are dpm_at.train_step's, plus input_perturbation."""
     K, n = cfg.adv_steps, cfg.at_batches
 
     def batches(k):  # data batches of a method with k optimizer steps per batch
         return K * n if cfg.budget == "batches" else K * n // k
 
-    at = ["--adv-steps", str(K), "--adv-step-size", str(cfg.adv_step_size), "--adv-budget", str(cfg.adv_budget)]
-    table = {"standard": (["--adv-steps", "0"], K * n, 1)}
+    at = dict(adv_steps=K, adv_step_size=cfg.adv_step_size, adv_budget=cfg.adv_budget)
+    table = {"standard": (dict(adv_steps=0), K * n, 1)}
     if not cfg.sweep:
         # the control for AT's minibatch replay: the same K passes over the same batches, but delta stays 0
-        table["replay"] = (at + ["--adv-step-size", "0"], batches(K), K)
+        table["replay"] = (dict(at, adv_step_size=0.0), batches(K), K)
         table["AT"] = (at, batches(K), K)
-        table["IP"] = (["--adv-steps", "0", "--input-perturbation", str(cfg.ip_gamma)], K * n, 1)
+        table["IP"] = (dict(adv_steps=0, input_perturbation=cfg.ip_gamma), K * n, 1)
         return table
-    # one knob at a time around the released defaults (SPEC §3.4); later flags win in argparse
+    # one knob at a time around the released defaults (docs/method.md §4.3-4.4)
     table[f"AT eta={cfg.adv_budget} a={cfg.adv_step_size} K={K}"] = (at, batches(K), K)
     for eta in cfg.sweep_eta:
-        table[f"AT eta={eta}"] = (at + ["--adv-budget", str(eta)], batches(K), K)
+        table[f"AT eta={eta}"] = (dict(at, adv_budget=eta), batches(K), K)
     for alpha in cfg.sweep_alpha:
-        table[f"AT alpha={alpha}"] = (at + ["--adv-step-size", str(alpha)], batches(K), K)
+        table[f"AT alpha={alpha}"] = (dict(at, adv_step_size=alpha), batches(K), K)
     for k in cfg.sweep_k:
-        table[f"AT K={k}"] = (at + ["--adv-steps", str(k)], batches(k), k)
+        table[f"AT K={k}"] = (dict(at, adv_steps=k), batches(k), k)
     return table
 
 
-def train(flags: list[str], batches: int, points: torch.Tensor, seed: int, cfg) -> torch.nn.Module:
-    """Train the mlp2d network with dpm_at.py's own step and defaults (plus flags); returns the EMA network."""
-    args = dpm_at.resolve_args(dpm_at.parse_args(
-        ["--dataset", cfg.dataset, "--device", "cpu", "--seed", str(seed), "--batch-size", str(cfg.batch_size),
-         "--lr", str(cfg.lr), "--ema-decay", str(cfg.ema_decay), *flags]))
+def train(method: dict, batches: int, points: torch.Tensor, seed: int, cfg) -> torch.nn.Module:
+    """Train the mlp2d network with dpm_at.py's step (ddpm loss, cosine schedule, uniform t, l2 ball, target
+    delta_detach: the defaults of the 2-D runs of dpm_at.py) and the method's keywords; returns the EMA network."""
+    step_kwargs = dict(method)
+    input_perturbation = step_kwargs.pop("input_perturbation", 0.0)
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # draws the batches, then t, eps (and xi) of every batch
     net = unet.build_from_config(unet.preset_config("mlp2d", in_channels=2))
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    _, opt, _ = dpm_at.fast_path(net, args)
-    alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta(args.schedule))
+    train_net, opt = dpm_at.fast_path(net, "cpu", cfg.lr)
+    alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta("cosine"))
+    noise_fn, loss_fn = dpm_at.make_losses("ddpm", alpha_bar, generator, input_perturbation=input_perturbation)
     for _ in range(batches):
-        x0 = data.random_batch(points, args.batch_size, generator)
-        dpm_at.train_step(net.train(), ema, opt, x0, alpha_bar, args, generator)
+        x0 = data.random_batch(points, cfg.batch_size, generator)
+        dpm_at.train_step(train_net.train(), ema, opt, x0, noise_fn, loss_fn, ema_decay=cfg.ema_decay, **step_kwargs)
     return ema
 
 
@@ -141,9 +146,10 @@ def run_sampler(name: str, nfe: int, denoise, z: torch.Tensor, alpha_bar, genera
     sigmas = sampler.karras_sigmas((nfe + 1) // 2)  # EDM: N points cost 2N - 1 calls
 
     def clipped(x, sigma):
-        # Deviation from EDM Alg. 2: D clipped to the data range [-1, 1], as the VP samplers clip x0_hat (SPEC §1.4),
-        # so that one bad D at a large sigma cannot blow the state up (unclipped we saw Var ratios of 1e4 at NFE 9).
-        # It does not cure Heun's own error with 3-5 grid points (SPEC T12: N = 5 ends at 1.26, exact 0.50).
+        # Deviation from EDM Alg. 2: D clipped to the data range [-1, 1], as the VP samplers clip x0_hat
+        # (docs/method.md §2.7), so that one bad D at a large sigma cannot blow the state up (unclipped we saw Var
+        # ratios of 1e4 at NFE 9). It does not cure Heun's own error with 3-5 grid points (on a 1-D Gaussian, Heun
+        # with N = 5 from x = 80 ends at 1.26 where the exact ODE ends at 0.50: tests/test_sampler.py).
         return denoise(x, sigma).clamp(-1, 1)
 
     return sampler.edm_sample(clipped, sigmas[0] * z, sigmas).clamp(-1, 1)
@@ -285,19 +291,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--budget", default="steps", choices=["steps", "batches"],
       help="what every method gets the same of: optimizer steps (default; = forward/backward passes) or data "
            "batches (AT then makes K times the steps); results go to <dataset>[_sweep][_batches].*")
-    a("--adv-steps", type=int, default=3, help="K (SPEC §3.4, released default 3)")
-    a("--adv-step-size", type=float, default=0.1, help="alpha, absolute l2 step (SPEC §3.3, released default 0.1)")
-    a("--adv-budget", type=float, default=0.1, help="eta, radius eta*sqrt(d) (SPEC §3.3, released default 0.1)")
+    a("--adv-steps", type=int, default=3, help="K (docs/method.md §4.4; released default 3)")
+    a("--adv-step-size", type=float, default=0.1, help="alpha, absolute l2 step (docs/method.md §4.3; released "
+                                                        "default 0.1)")
+    a("--adv-budget", type=float, default=0.1, help="eta, radius eta*sqrt(d) (docs/method.md §4.3; released "
+                                                     "default 0.1)")
     a("--ip-gamma", type=float, default=0.1, help="DDPM-IP gamma (Ning et al. 2023); default 0.1")
     a("--batch-size", type=int, default=256, help="points per batch; default 256")
     a("--lr", type=float, default=3e-3, help="AdamW learning rate; default 3e-3")
     a("--ema-decay", type=float, default=0.995, help="EMA decay per optimizer step; default 0.995")
-    a("--nfe", type=int, nargs="+", default=list(NFES), help="network calls per sample; default 5 10 20 50")
+    a("--nfe", type=int, nargs="+", default=None, help="network calls per sample; default 5 10 20 50 (--quick: 5 10)")
     a("--n-eval", type=int, default=10_000, help="samples (and fresh data points) per distance; default 10000")
     a("--n-proj", type=int, default=256, help="directions of the sliced W2; default 256")
     a("--n-scatter", type=int, default=2000, help="points per scatter panel; default 2000")
     a("--threads", type=int, default=1, help="torch CPU threads; default 1 (fastest on a busy 2-core machine)")
-    a("--out", default="results/toy", help="output folder; default results/toy")
+    a("--out", default=OUT, help=f"output folder; default {OUT}")
     a("--sweep", action="store_true", help="instead of standard/AT/IP: AT with eta, alpha, K varied one at a time")
     a("--sweep-eta", type=float, nargs="*", default=[0.003, 0.01, 0.03], help="--sweep: eta values; default "
                                                                              "0.003 0.01 0.03")
@@ -305,10 +313,13 @@ def parse_args(argv=None) -> argparse.Namespace:
       "default 0 0.003 0.01 0.03 (0: delta stays 0, so K passes only replay the batch: the control for AT's "
       "repeated batches)")
     a("--sweep-k", type=int, nargs="*", default=[2, 5], help="--sweep: K values; default 2 5")
-    a("--quick", action="store_true", help="toy sizes (2 seeds, 10 AT batches, 500 points): for the test")
+    a("--quick", action="store_true", help="toy sizes (2 seeds, 10 AT batches, 500 points, NFE 5 and 10): for the "
+                                           "test")
     cfg = p.parse_args(argv)
     if cfg.seeds is None:
         cfg.seeds = [100, 101] if cfg.sweep else [0, 1, 2]
+    if cfg.nfe is None:
+        cfg.nfe = [5, EXPOSURE_NFE] if cfg.quick else list(NFES)
     if cfg.quick:
         cfg.seeds, cfg.at_batches, cfg.batch_size, cfg.n_eval, cfg.n_scatter = cfg.seeds[:2], 10, 64, 500, 300
     if EXPOSURE_NFE not in cfg.nfe:
@@ -339,7 +350,7 @@ def main(cfg: argparse.Namespace, argv: list[str]) -> None:
             print(f"seed {seed} {m}: trained {time.time() - t0:.0f}s incl. sampling | SW2 x1e-2: {sw2}", flush=True)
     suffix = ("_sweep" if cfg.sweep else "") + ("_batches" if cfg.budget == "batches" else "")
     stem = os.path.join(cfg.out, cfg.dataset + suffix)
-    command = "python toy_experiment.py " + " ".join(argv)
+    command = "python experiments/toy_experiment.py " + " ".join(argv)
     report = markdown(results, floor, cfg, seconds)
     report += f"\nCommand: `{command.strip()}`; {time.time() - start:.0f} s in all, {cfg.threads} thread(s).\n"
     with open(stem + ".md", "w") as f:
@@ -354,6 +365,4 @@ def main(cfg: argparse.Namespace, argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     main(parse_args(), sys.argv[1:])

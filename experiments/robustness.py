@@ -1,16 +1,17 @@
 """Is the AT denoiser more robust to perturbations of its input? Standard vs AT checkpoints on `shapes`.
 
-Paper: Wang et al. 2025, arXiv:2502.17099v1; claim (2) of the abstract: AT on x_t (SPEC §3.1-3.4) makes the denoiser
-       robust to perturbations of x_t. The paper's robustness protocol was not retrieved; we follow SPEC §5.
-Borrowed: l2-PGD (Madry et al. 2018) from attacks.py; VP <-> EDM scaling of a perturbation (SPEC §2.2).
-Uses: attacks.py, data.py, sampler.py, figures.py, and dpm_at.py's main for --train (imported like the tests do:
-      this script is an experiment around the entry scripts, not one of them).     Used by: nothing.
+Paper: Wang et al. 2025, arXiv:2502.17099v1; claim (2) of the abstract: AT on x_t (Sec. 4; docs/method.md §4) makes
+       the denoiser robust to perturbations of x_t. The paper's robustness protocol was not available to us; we use
+       our own (docs/method.md §6).
+Borrowed: l2-PGD (Madry et al. 2018) from attacks.py; VP <-> EDM scaling of a perturbation (docs/method.md §3.3).
+Uses: attacks.py, data.py, sampler.py, dpm_at.py (main, for --train), figures.py.     Used by: nothing.
 
-    python robustness.py --train          # trains standard / AT / AT-sqrt_d tiny UNets, then evaluates (~1 hour)
-    python robustness.py --std runs/shapes_std/ckpt.pt --at runs/shapes_at/ckpt.pt   # evaluate your checkpoints
-    python robustness.py --train --quick --out /tmp/rob --run-dir /tmp/rob/runs   # a minute: the whole pipeline
+    python experiments/robustness.py --train   # trains standard / AT / AT-sqrt_d tiny UNets, then evaluates (~1 hour)
+    python experiments/robustness.py --std runs/shapes_std/ckpt.pt --at runs/shapes_at/ckpt.pt   # your checkpoints
+    python experiments/robustness.py --train --quick --out /tmp/rob --run-dir /tmp/rob/runs   # a minute: the pipeline
 
-What is measured (SPEC §5; budgets are VP-space l2 radii r = gamma*sqrt(d), mapped to EDM space by sqrt(1+sigma^2)):
+What is measured (docs/method.md §6; budgets are VP-space l2 radii r = gamma*sqrt(d), mapped to EDM space by
+sqrt(1 + sigma^2)):
 1. Denoiser error: per-pixel MSE of x0_hat = D(x_e + delta; sigma) against the true x0 on held-out images, at VP steps
    t, with delta = 0, a random direction on the sphere of radius r, or l2-PGD (5 steps of 2.5r/5, random start on
    the sphere) maximising ||D(x_e + delta) - D(x_e)||^2.
@@ -19,8 +20,8 @@ What is measured (SPEC §5; budgets are VP-space l2 radii r = gamma*sqrt(d), map
    Deviation from "perturb the state": only the network's input is perturbed; the sampler's own update keeps the
    clean state, so the number isolates the denoiser's sensitivity (a perturbed state would also move the update).
 With --train the three checkpoints make the same number of optimizer steps: AT with K passes per batch gets 1/K of
-the batches (SPEC §3.4). "AT" uses the released defaults (alpha = 0.1 absolute, so ||delta|| <= 0.2, far inside
-r = 5.54, SPEC §3.3); "AT sqrt_d" scales the step by sqrt(d) so that the ball is reached.
+the batches (docs/method.md §4.4). "AT" uses the released defaults (alpha = 0.1 absolute, so ||delta|| <= 0.2, far
+inside r = 5.54, docs/method.md §4.3); "AT sqrt_d" scales the step by sqrt(d) so that the ball is reached.
 
 Symbols: budget gamma (RMS per pixel) -> gamma, radius -> radius, perturbation -> delta, EDM state -> x_e.
 """
@@ -34,11 +35,14 @@ import time
 import numpy as np
 import torch
 
-import attacks
-import data
-import dpm_at
-import figures
-import sampler
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root: the components
+import attacks  # noqa: E402
+import data  # noqa: E402
+import dpm_at  # noqa: E402
+import figures  # noqa: E402
+import sampler  # noqa: E402
+
+OUT = os.path.join("experiments", "results", "robustness")  # relative to the working directory: the repo root
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -80,15 +84,15 @@ def make_denoiser(ckpt, net, alpha_bar):
 
 
 def attack(denoise, x_e, sigma, gamma: float, kind: str, cfg, generator):
-    """delta of VP-space radius gamma*sqrt(d), in EDM space (times sqrt(1 + sigma^2), SPEC §2.2 / §5)."""
+    """delta of VP-space radius gamma*sqrt(d), in EDM space (times sqrt(1 + sigma^2), docs/method.md §3.3 / §6)."""
     d = x_e[0].numel()
     radius = sampler.expand(gamma * math.sqrt(d) * (1 + sigma**2).sqrt(), x_e)  # (B, 1, 1, 1)
     if kind == "random":
         return attacks.random_perturbation(x_e, radius, generator)
     clean = denoise(x_e, sigma).detach()
-    # SPEC §5: maximise J(delta) = ||x0_hat(x + delta) - x0_hat(x)||^2 with l2-PGD.
-    # Deviation: SPEC §5 starts at delta = 0, where J is at its minimum and its gradient vanishes (PGD would never
-    # move); we start at a random point of the sphere, as Madry et al. 2018 do.
+    # docs/method.md §6: maximise J(delta) = ||x0_hat(x + delta) - x0_hat(x)||^2 with l2-PGD.
+    # Deviation: not from delta = 0, where J is at its minimum and its gradient vanishes (PGD would never move); we
+    # start at a random point of the sphere, as Madry et al. 2018 do.
     return attacks.pgd(lambda z: (denoise(z, sigma) - clean).pow(2).flatten(1).sum(1), x_e, radius, cfg.pgd_steps,
                        generator=generator, random_start=True)
 
@@ -104,7 +108,7 @@ def denoiser_errors(denoise, x0, alpha_bar, cfg) -> dict:
     out = {}
     for t in cfg.t:
         sigma = torch.full((x0.shape[0],), sampler.vp_sigma(alpha_bar[t]).item(), dtype=torch.float64)
-        # SPEC §2.2: x_e = x0 + sigma eps, the EDM-space twin of x_t
+        # docs/method.md §3.3: x_e = x0 + sigma eps, the EDM-space twin of x_t
         x_e = x0 + sampler.expand(sigma, x0) * torch.randn(x0.shape, generator=generator)
         out[f"{t}/none/0"] = (denoise(x_e, sigma) - x0).pow(2).mean().item()
         for gamma in cfg.gamma:
@@ -115,7 +119,7 @@ def denoiser_errors(denoise, x0, alpha_bar, cfg) -> dict:
 
 
 def perturbed(denoise, gamma: float, kind: str, cfg, generator):
-    """The denoiser as seen by a sampler whose every network call gets a perturbed input (protocol A, SPEC §5)."""
+    """The denoiser as seen by a sampler whose every network call gets a perturbed input (docs/method.md §6, (2))."""
 
     def D(x_e, sigma):
         return denoise(x_e + attack(denoise, x_e, sigma, gamma, kind, cfg, generator), sigma)
@@ -249,17 +253,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--at", nargs="+", default=[], help="one or more AT checkpoints (instead of --train)")
     a("--run-dir", default="runs/robustness", help="--train: where the runs go; default runs/robustness")
     a("--at-batches", type=int, default=300, help="--train: AT batches; standard gets K times as many; default 300")
-    a("--adv-steps", type=int, default=3, help="--train: K (SPEC §3.4); default 3")
+    a("--adv-steps", type=int, default=3, help="--train: K (docs/method.md §4.4); default 3")
     a("--t", type=int, nargs="+", default=[50, 200, 500], help="VP steps of the denoiser test; default 50 200 500")
     a("--gamma", type=float, nargs="+", default=[0.02, 0.05, 0.1], help="RMS budgets; default 0.02 0.05 0.1")
     a("--sampler-gamma", type=float, nargs="+", default=[0.02, 0.05], help="budgets in the sampler; default 0.02 0.05")
-    a("--pgd-steps", type=int, default=5, help="l2-PGD steps (SPEC §5); default 5")
+    a("--pgd-steps", type=int, default=5, help="l2-PGD steps (docs/method.md §6); default 5")
     a("--nfe", type=int, default=10, help="sampler steps (DDIM 'ddimN', DDPM 'N'); default 10")
     a("--n-images", type=int, default=64, help="held-out images for the denoiser test; default 64")
     a("--n-samples", type=int, default=32, help="samples per sampler run; default 32")
     a("--seed", type=int, default=0, help="training seed, and the seed of every noise here; default 0")
     a("--threads", type=int, default=1, help="torch CPU threads; default 1")
-    a("--out", default="results/robustness", help="output folder; default results/robustness")
+    a("--out", default=OUT, help=f"output folder; default {OUT}")
     a("--quick", action="store_true", help="tiny sizes for the test (--tiny runs of 2 AT batches, 4 images)")
     cfg = p.parse_args(argv)
     if cfg.quick:
@@ -291,7 +295,7 @@ def main(cfg: argparse.Namespace, argv: list[str]) -> None:
         info[name] = training_info(ckpt, path)
         print(f"{name}: evaluated in {time.time() - t0:.0f} s", flush=True)
     report = markdown(results, cfg, info)
-    report += f"\nCommand: `python robustness.py {' '.join(argv)}`; {time.time() - start:.0f} s in all.\n"
+    report += f"\nCommand: `python experiments/robustness.py {' '.join(argv)}`; {time.time() - start:.0f} s in all.\n"
     stem = os.path.join(cfg.out, "shapes")
     with open(stem + ".md", "w") as f:
         f.write(report)
