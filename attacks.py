@@ -66,10 +66,13 @@ def l2_step(delta: torch.Tensor, grad: torch.Tensor, step_size, radius) -> torch
 def linf_step(delta: torch.Tensor, grad: torch.Tensor, step_size, radius) -> torch.Tensor:
     """The l-infinity counterpart (ours): a sign step of step_size per coordinate, then clamp to [-radius, radius].
 
-    Here radius is a per-coordinate bound (the same units as eta), so there is no sqrt(d).
+    Here radius is a per-coordinate bound (the same units as eta), so there is no sqrt(d). A non-positive radius
+    means "no projection", as in l2_step.
     """
     # FGSM (Goodfellow et al. 2015) / PGD-linf: delta <- clip(delta + alpha * sign(g), -r, r)
     delta = delta + step_size * grad.sign()
+    if isinstance(radius, (int, float)) and radius <= 0:
+        return delta
     return torch.clamp(delta, -radius, radius)
 
 

@@ -99,7 +99,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--num-grid", type=int, default=None, help="images per grid")
     a("--tiny", action="store_true", help="tiny data, batch and step count: see the loop run on a laptop CPU")
     a("--dry-run", action="store_true", help="print the resolved config and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for action in p._actions:  # parse again without defaults: the flags given on the command line
+        action.default = argparse.SUPPRESS
+    args.explicit = sorted(vars(p.parse_args(argv)))
+    return args
+
+
+NOT_RESUMED = ("resume", "out", "device", "dry_run", "explicit")
+
+
+def adopt_checkpoint(args: argparse.Namespace, ckpt: dict, path: str) -> None:
+    """--resume: every setting of the run comes from the checkpoint, except the flags given now (--steps 5000
+    extends it); a flag that changes the grid or the data is refused in one line."""
+    saved = dict(ckpt["args"], num_scales=ckpt["num_scales"])
+    for key in ("num_scales", "dataset"):
+        if key in args.explicit and getattr(args, key) != saved.get(key):
+            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts {path}, which was trained "
+                            f"with {saved.get(key)}; drop the flag")
+    for key in [k for k in saved if k in vars(args) and k not in NOT_RESUMED and k not in args.explicit]:
+        setattr(args, key, saved[key])
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -331,13 +350,15 @@ def ddp_any(flag: bool, device) -> bool:
 
 def main(args: argparse.Namespace) -> None:
     resumed = load_checkpoint(args.resume, "cm") if args.resume else None
-    args.teacher = args.teacher or (resumed["teacher"] if resumed else None)
+    if resumed:
+        adopt_checkpoint(args, resumed, args.resume)
     args = resolve_args(args)
     teacher_ckpt = load_checkpoint(args.teacher, "dpm")  # validated before anything is written
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume is None and os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume {ckpt_path} to continue it, or choose another --out")
-    print(json.dumps(vars(args), indent=1))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(vars(args), indent=1))
     if args.dry_run:
         return
     rank, world = setup_ddp(args)
@@ -357,7 +378,7 @@ def main(args: argparse.Namespace) -> None:
     opt = torch.optim.RAdam(student.parameters(), lr=args.lr)  # CM App. C (CIFAR-10): RAdam, constant lr
     train_student = student if world == 1 else DistributedDataParallel(  # averages weight gradients over processes
         student, device_ids=[args.device] if "cuda" in args.device else None)
-    num_scales = resumed["num_scales"] if resumed else args.num_scales
+    num_scales = args.num_scales
     sigmas = sampler.karras_sigmas(num_scales, SIGMA_MIN, SIGMA_MAX)[:-1].to(args.device)  # drop t_N = 0
     step = load_state(resumed, args, ema, target, opt, generator, rank)
     at = dict(adv_steps=args.adv_steps, adv_step_size=args.adv_step_size, adv_budget=args.adv_budget,
@@ -370,16 +391,19 @@ def main(args: argparse.Namespace) -> None:
             f"{world} process(es); outputs in {args.out}/")
     if step == 0 and rank == 0:  # the student before distillation: the teacher's F under the consistency scalings
         save_grids(ema, sigmas, args.out, 0, images.shape[1:], args.num_grid, args.seed, sigma_data)
-    stop = []  # Ctrl-C: finish the batch, save, exit; a second Ctrl-C stops at once
-    signal.signal(signal.SIGINT, lambda *a: signal.default_int_handler(*a) if stop else stop.append(1))
+    interrupted = []  # Ctrl-C: finish the batch, save, exit; a second Ctrl-C stops at once
+    signal.signal(signal.SIGINT, lambda *a: signal.default_int_handler(*a) if interrupted else interrupted.append(1))
     for step in tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, disable=rank > 0):
         x0 = data.random_batch(images, args.batch_size // world, generator)
         x0 = x0.contiguous(memory_format=torch.channels_last) if "cuda" in args.device else x0
         log.add(train_step(train_student.train(), target.train(), ema, opt, teacher, x0, sigmas, generator, **at))
-        if world > 1 and step % args.log_every == 0 and ddp_any(bool(stop), args.device):
-            stop = stop or [1]  # under torchrun a Ctrl-C takes effect at the next log step, on every process
+        # under torchrun every process stops at the same step: the next log step after a Ctrl-C reached any of them
+        stop = ddp_any(bool(interrupted), args.device) if world > 1 and step % args.log_every == 0 else \
+            bool(interrupted) and world == 1
         if step % args.log_every == 0 or step == args.steps or stop:
             log.write(step, args.lr)  # one host sync; stops on a non-finite loss
+        elif step % args.save_every == 0:
+            log.check(step)  # never save non-finite weights
         if rank == 0 and (step % args.grid_every == 0 or step == args.steps):
             save_grids(ema, sigmas, args.out, step, images.shape[1:], args.num_grid, args.seed, sigma_data)
         if rank == 0 and (step % args.save_every == 0 or step == args.steps or stop):
@@ -415,6 +439,7 @@ def load_state(resumed, args, ema, target, opt, generator, rank: int) -> int:
     for group in opt.param_groups:
         group["lr"] = args.lr
     if "RANK" in os.environ:  # rank 0's RNG state was saved: each process reseeds from (seed, rank, step) instead
+        torch.manual_seed(args.seed + rank + 1_000_003 * resumed["step"])
         generator.manual_seed(args.seed + rank + 1_000_003 * resumed["step"])
     else:  # one process continues exactly where it stopped
         torch.set_rng_state(resumed["rng_cpu"])
@@ -426,8 +451,8 @@ def load_state(resumed, args, ema, target, opt, generator, rank: int) -> int:
 
 # same as in dpm_at.py: keep in sync
 class Logger:
-    """Rank 0's log: loss sums on the device between log steps (no host sync per step), metrics.jsonl and a tqdm
-    line; args.json is written when the run starts."""
+    """Rank 0's log: loss sums stay on the device between log steps (no host sync per step); at a log step their
+    mean over the steps and the processes goes to metrics.jsonl and one printed line. args.json is written first."""
 
     def __init__(self, args, rank: int, step: int):
         self.args, self.rank, self.sums, self.step, self.time = args, rank, None, step, time.time()
@@ -444,17 +469,26 @@ class Logger:
         s = torch.stack(losses)
         self.sums = s if self.sums is None else self.sums + s
 
-    def write(self, step: int, lr: float) -> None:
-        n, dt = step - self.step, time.time() - self.time
-        loss, adv_loss, delta_norm = (self.sums / n).tolist()
-        if not math.isfinite(loss + adv_loss):  # the last checkpoint on disk is the last good one
+    def check(self, step: int) -> list:
+        """The mean (loss, adv loss, ||delta||) since the last log step over all processes; a non-finite loss stops
+        the run on every process, so the checkpoint on disk stays the last good one."""
+        sums = self.sums.clone()
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+            sums /= dist.get_world_size()
+        means = (sums / (step - self.step)).tolist()
+        if not math.isfinite(means[0] + means[1]):
             raise UserError(f"loss is not finite by step {step}; stopped. Last good checkpoint: "
                             f"{os.path.join(self.args.out, 'ckpt.pt')}")
-        rec = dict(step=step, loss=loss, adv_loss=adv_loss, delta_norm=delta_norm, lr=lr,
-                   img_per_s=n * self.args.batch_size / dt, sec_per_step=dt / n)
+        return means
+
+    def write(self, step: int, lr: float) -> None:
+        (loss, adv_loss, delta_norm), dt = self.check(step), time.time() - self.time
+        n = step - self.step
         if self.rank == 0:
             with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(json.dumps(dict(step=step, loss=loss, adv_loss=adv_loss, delta_norm=delta_norm, lr=lr,
+                                        img_per_s=n * self.args.batch_size / dt, sec_per_step=dt / n)) + "\n")
             tqdm.write(f"step {step}: loss {loss:.4g}, adv {adv_loss:.4g}, |delta| {delta_norm:.3f}, "
                        f"{dt / n:.2f} s/step")
         self.sums, self.step, self.time = None, step, time.time()

@@ -117,19 +117,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--grid-steps", type=int, default=25, help="DDIM (ddpm) or Euler (edm) steps for the grids; default 25")
     a("--tiny", action="store_true", help="tiny UNet, tiny data, few steps: see the loop run on a laptop CPU")
     a("--dry-run", action="store_true", help="print the resolved config and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for action in p._actions:  # parse again without defaults: the flags given on the command line
+        action.default = argparse.SUPPRESS
+    args.explicit = sorted(vars(p.parse_args(argv)))
+    return args
 
 
-def adopt_checkpoint(args: argparse.Namespace, ckpt: dict, path: str) -> None:
-    """--resume / --init-from: the loss, schedule and network come from the checkpoint; a contradicting flag is an
-    error (one line), so that args.json records what was actually trained."""
-    saved = dict(loss=ckpt["loss"], schedule=ckpt["schedule"], preset=ckpt["args"].get("preset"),
+NOT_RESUMED = ("resume", "init_from", "out", "device", "precision", "compile", "compile_mode", "dry_run", "explicit")
+
+
+def adopt_checkpoint(args: argparse.Namespace, ckpt: dict, path: str, resume: bool) -> None:
+    """--init-from: the network, loss and schedule come from the checkpoint. --resume: every setting of the run
+    too, except the flags given now (--steps 5000 extends it). A flag that contradicts the network, loss, schedule
+    (or, on resume, the dataset) is refused in one line, so that args.json records what is actually trained."""
+    saved = dict(at_start=0)  # runs made before --at-start existed trained AT from their first batch
+    saved.update(ckpt["args"], loss=ckpt["loss"], schedule=ckpt["schedule"],
                  learn_sigma=ckpt["net"]["out_channels"] == 2 * ckpt["net"]["in_channels"])
-    for key, value in saved.items():
-        if getattr(args, key) is not None and getattr(args, key) != value:
+    fixed = ("loss", "schedule", "preset", "learn_sigma") + (("dataset",) if resume else ())
+    for key in fixed:
+        if key in args.explicit and getattr(args, key) != saved.get(key):
             raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts {path}, which was trained "
-                            f"with {value}; drop the flag")
-        setattr(args, key, value)
+                            f"with {saved.get(key)}; drop the flag")
+    for key in [k for k in saved if k in vars(args) and k not in NOT_RESUMED] if resume else fixed:
+        if key not in args.explicit:
+            setattr(args, key, saved.get(key))
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -157,6 +169,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if (family == "points") != (unet.PRESETS[args.preset].get("arch") == "mlp"):
         raise UserError(f"--preset {args.preset} does not fit --dataset {args.dataset} (2-D points need mlp2d)")
     if args.loss == "edm":  # learned variance and the loss-aware t-sampler belong to the VP/DDPM loss only
+        if {"learn_sigma", "t_sampler"} & set(getattr(args, "explicit", ())) and \
+                (args.learn_sigma or args.t_sampler != "uniform"):
+            raise UserError("--learn-sigma and --t-sampler loss-second-moment belong to --loss ddpm")
         args.learn_sigma, args.t_sampler = False, "uniform"
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     one_gpu = args.device.startswith("cuda") and "RANK" not in os.environ  # CUDA graphs: untested under torchrun
@@ -442,12 +457,13 @@ def main(args: argparse.Namespace) -> None:
     source_path = args.resume or args.init_from
     source = load_checkpoint(source_path) if source_path else None  # validated before anything is written
     if source:
-        adopt_checkpoint(args, source, source_path)
+        adopt_checkpoint(args, source, source_path, resume=bool(args.resume))
     args = resolve_args(args)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume is None and os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume {ckpt_path} to continue it, or choose another --out")
-    print(json.dumps(vars(args), indent=1))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(vars(args), indent=1))
     if args.dry_run:
         return
     rank, world = setup_ddp(args)
@@ -475,8 +491,8 @@ def main(args: argparse.Namespace) -> None:
     log = Logger(args, rank, step)
     log.say(f"{unet.count_parameters(net) / 1e6:.2f}M parameters; data {tuple(images.shape)}; AT K={args.adv_steps} "
             f"from step {args.at_start}; starting at step {step}; {world} process(es); outputs in {args.out}/")
-    stop = []  # Ctrl-C: finish the batch, save, exit; a second Ctrl-C stops at once
-    signal.signal(signal.SIGINT, lambda *a: signal.default_int_handler(*a) if stop else stop.append(1))
+    interrupted = []  # Ctrl-C: finish the batch, save, exit; a second Ctrl-C stops at once
+    signal.signal(signal.SIGINT, lambda *a: signal.default_int_handler(*a) if interrupted else interrupted.append(1))
     for step in tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, disable=rank > 0):
         x0 = data.random_batch(images, args.batch_size // world, generator)
         x0 = x0.contiguous(memory_format=torch.channels_last) if "cuda" in args.device and x0.dim() == 4 else x0
@@ -485,10 +501,13 @@ def main(args: argparse.Namespace) -> None:
         with autocast:
             log.add(train_step(train_net.train(), ema, opt, x0, noise_fn, loss_fn, **at,
                                adv_steps=args.adv_steps if step > args.at_start else 0))
-        if world > 1 and step % args.log_every == 0 and ddp_any(bool(stop), args.device):
-            stop = stop or [1]  # under torchrun a Ctrl-C takes effect at the next log step, on every process
+        # under torchrun every process stops at the same step: the next log step after a Ctrl-C reached any of them
+        stop = ddp_any(bool(interrupted), args.device) if world > 1 and step % args.log_every == 0 else \
+            bool(interrupted) and world == 1
         if step % args.log_every == 0 or step == args.steps or stop:
             log.write(step, opt.param_groups[0]["lr"])  # one host sync; stops on a non-finite loss
+        elif step % args.save_every == 0:
+            log.check(step)  # never save non-finite weights
         if rank == 0 and (step % args.grid_every == 0 or step == args.steps):
             save_grid(ema, alpha_bar, args.loss, os.path.join(args.out, f"grid_{step:07d}.png"), images.shape[1:],
                       args.num_grid, args.grid_steps, args.seed)
@@ -520,6 +539,7 @@ def load_state(source, args, net, ema, opt, generator, t_state, rank: int) -> in
         for key, value in source["t_state"].items():
             t_state[key].copy_(value)
     if "RANK" in os.environ:  # rank 0's RNG state was saved: each process reseeds from (seed, rank, step) instead
+        torch.manual_seed(args.seed + rank + 1_000_003 * source["step"])
         generator.manual_seed(args.seed + rank + 1_000_003 * source["step"])
     else:  # one process continues exactly where it stopped
         torch.set_rng_state(source["rng_cpu"])
@@ -530,8 +550,8 @@ def load_state(source, args, net, ema, opt, generator, t_state, rank: int) -> in
 
 
 class Logger:
-    """Rank 0's log: loss sums on the device between log steps (no host sync per step), metrics.jsonl and a tqdm
-    postfix; args.json is written when the run starts."""
+    """Rank 0's log: loss sums stay on the device between log steps (no host sync per step); at a log step their
+    mean over the steps and the processes goes to metrics.jsonl and one printed line. args.json is written first."""
 
     def __init__(self, args, rank: int, step: int):
         self.args, self.rank, self.sums, self.step, self.time = args, rank, None, step, time.time()
@@ -548,18 +568,27 @@ class Logger:
         s = torch.stack(losses)
         self.sums = s if self.sums is None else self.sums + s
 
-    def write(self, step: int, lr: float) -> None:
-        n, dt = step - self.step, time.time() - self.time
-        loss, adv_loss, delta_norm = (self.sums / n).tolist()
-        if not math.isfinite(loss + adv_loss):  # the last checkpoint on disk is the last good one
+    def check(self, step: int) -> list:
+        """The mean (loss, adv loss, ||delta||) since the last log step over all processes; a non-finite loss stops
+        the run on every process, so the checkpoint on disk stays the last good one."""
+        sums = self.sums.clone()
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+            sums /= dist.get_world_size()
+        means = (sums / (step - self.step)).tolist()
+        if not math.isfinite(means[0] + means[1]):
             raise UserError(f"loss is not finite by step {step}; stopped. Last good checkpoint: "
                             f"{os.path.join(self.args.out, 'ckpt.pt')}")
-        rec = dict(step=step, loss=loss, adv_loss=adv_loss, delta_norm=delta_norm, lr=lr,
-                   img_per_s=n * self.args.batch_size / dt, sec_per_step=dt / n)
+        return means
+
+    def write(self, step: int, lr: float) -> None:
+        (loss, adv_loss, delta_norm), dt = self.check(step), time.time() - self.time
+        n = step - self.step
         if self.rank == 0:
             with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            tqdm.write(f"step {step}: loss {loss:.4f}, adv {adv_loss:.4f}, |delta| {delta_norm:.3f}, "
+                f.write(json.dumps(dict(step=step, loss=loss, adv_loss=adv_loss, delta_norm=delta_norm, lr=lr,
+                                        img_per_s=n * self.args.batch_size / dt, sec_per_step=dt / n)) + "\n")
+            tqdm.write(f"step {step}: loss {loss:.4g}, adv {adv_loss:.4g}, |delta| {delta_norm:.3f}, "
                        f"{dt / n:.2f} s/step")
         self.sums, self.step, self.time = None, step, time.time()
 

@@ -464,7 +464,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--ckpt", required=True, help="checkpoint written by dpm_at.py or cm_at.py")
     a("--sampler", default="heun", help=f"one of {', '.join(SAMPLERS)}; default heun")
     a("--steps", type=int, default=None, help="respaced steps (ddpm/es/ddim), Karras grid points (euler/heun; Heun "
-                                              "costs 2N-1 NFE) or consistency steps; default 18")
+                                              "costs 2N-1 NFE) or consistency steps; default 18 (consistency: 1)")
     a("--seeds", default=None, help="one image per seed (EDM generate.py): 'A-B' (inclusive) or '0,5,7-9'; image i "
                                     "depends on seed i only, not on --batch-size; default 0-63 (FID: 0-49999)")
     a("--num", type=int, default=None, help="shorthand for --seeds 0-(num-1)")
@@ -498,7 +498,9 @@ def main(args: argparse.Namespace) -> None:
     ts = parse_int_list(args.ts, "--ts") if args.ts is not None else None
     if ts is not None and args.steps is not None:
         raise SamplerError("give --steps or --ts, not both (--ts sets the consistency steps)")
-    steps = len(ts) - 1 if ts is not None else (18 if args.steps is None else args.steps)
+    # default: 18 Karras points (EDM's CIFAR-10 Heun) or respaced steps; one step for a consistency model (CM Alg. 1)
+    steps = len(ts) - 1 if ts is not None else args.steps if args.steps is not None else \
+        1 if args.sampler == "consistency" else 18
     if args.sampler not in SAMPLERS:
         raise SamplerError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if steps < 1 or args.batch_size < 1:
@@ -507,6 +509,9 @@ def main(args: argparse.Namespace) -> None:
         raise SamplerError(f"output folder {out_dir} does not exist")
     ckpt, net = load_model(args.ckpt, args.device, args.weights)
     check_fits(ckpt, args.sampler, args.variance, ts)  # before the progress bar, so an error is one line
+    if args.sampler == "consistency" and ts is None and steps > ckpt["num_scales"] - 1:
+        raise SamplerError(f"--steps {steps}: a consistency model on an N = {ckpt['num_scales']} grid takes at most "
+                           f"{ckpt['num_scales'] - 1} steps")
     net = fast_sampling(net, args.device, args.precision, args.compile)
     cfg = ckpt["net"]
     vector = cfg.get("arch") == "mlp"  # 2-D points (B, d) rather than images (B, C, S, S)

@@ -214,7 +214,7 @@ def markdown(results: dict, floor: list[float], cfg, seconds: dict) -> str:
             cells = [mean_std([100 * r["sw2"][f"{name}/{n}"] for r in results[m]]) for n in cfg.nfe]
             lines.append(f"| {name} | {m} | " + " | ".join(f"{a:.2f} ± {b:.2f}" for a, b in cells) + " |")
     a, b = mean_std([100 * f for f in floor])
-    lines += [f"| - | data vs data | " + " | ".join([f"{a:.2f} ± {b:.2f}"] * len(cfg.nfe)) + " |", "",
+    lines += ["| - | data vs data | " + " | ".join([f"{a:.2f} ± {b:.2f}"] * len(cfg.nfe)) + " |", "",
               f"Exposure bias at NFE {EXPOSURE_NFE} (Heun {heun.get(EXPOSURE_NFE, 9)}): Var[state] / Var[q] along "
               "the trajectory; mean |ratio - 1| over the produced states, and the ratio of the final samples "
               "(1 = the data's variance).", "",

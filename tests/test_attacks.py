@@ -64,6 +64,8 @@ def test_linf_step_sign_and_clamp():
     grad = torch.tensor([[1.0, 2.0, -3.0]])
     out = attacks.linf_step(delta, grad, 0.1, 0.1)
     assert torch.allclose(out, torch.tensor([[0.1, 0.05, -0.1]]))
+    # a non-positive radius means no projection, as for l2 (the released code's eta <= 0)
+    assert torch.allclose(attacks.linf_step(delta, grad, 0.1, 0.0), torch.tensor([[0.15, 0.05, -0.1]]))
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])

@@ -110,7 +110,8 @@ def test_teacher_step_gaussian_toy():
 
 def test_cd_loss_ideal_f():
     """With the ideal consistency function the CD loss is only the Heun step's error: (f(x_hi) - f(x_lo))^2 with
-    f(x_hi) = 0.5397378871, f(x_lo) = 0.5415718083 (the closed-form f above); pseudo-Huber gives sqrt(e^2 + c^2) - c, c = 0.00054."""
+    f(x_hi) = 0.5397378871, f(x_lo) = 0.5415718083 (the closed-form f above); pseudo-Huber gives
+    sqrt(e^2 + c^2) - c, c = 0.00054."""
     x_hi, sigma_hi, sigma_lo = t13_inputs()
     x_lo = cm_at.teacher_step(gaussian_denoiser, x_hi, sigma_hi, sigma_lo)
     assert ideal_consistency_fn(x_hi, sigma_hi).item() == pytest.approx(0.5397378871, abs=1e-9)
@@ -366,16 +367,17 @@ def cli(script, *argv):
 
 def test_cli_run_sample_resume(tmp_path, trained_teacher):
     """cm_at.py writes a kind-cm checkpoint, args, metrics and 1-/2-step grids; sampler.py samples it with the
-    consistency sampler; --resume continues at the saved step with the saved optimizer state."""
+    consistency sampler; --resume alone continues at the saved step with the saved optimizer state and settings
+    (N = 12 here), and a flag that changes the grid is refused."""
     teacher, config = trained_teacher
     torch.save(teacher_ckpt(teacher, config, sigma_data=0.5), tmp_path / "teacher.pt")
     out = tmp_path / "run"
     common = ["--dataset", "shapes", "--tiny", "--batch-size", "2", "--num-grid", "4", "--grid-every", "2",
-              "--save-every", "2", "--log-every", "1", "--adv-steps", "2"]
+              "--save-every", "2", "--log-every", "1", "--adv-steps", "2", "--num-scales", "12"]
     r = cli("cm_at.py", "--teacher", str(tmp_path / "teacher.pt"), *common, "--steps", "2", "--out", str(out))
     assert r.returncode == 0, r.stderr
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    assert ckpt["kind"] == "cm" and ckpt["loss"] == "cd" and ckpt["step"] == 2 and ckpt["num_scales"] == 18
+    assert ckpt["kind"] == "cm" and ckpt["loss"] == "cd" and ckpt["step"] == 2 and ckpt["num_scales"] == 12
     assert (ckpt["sigma_min"], ckpt["sigma_max"], ckpt["sigma_data"]) == (0.002, 80.0, 0.5)
     assert ckpt["net"]["out_channels"] == 3 and set(ckpt) >= {"model", "ema", "target", "opt", "rng_cpu", "rng_gen"}
     assert max(s["step"] for s in ckpt["opt"]["state"].values()) == 4  # 2 batches x K = 2 optimizer steps
@@ -389,12 +391,15 @@ def test_cli_run_sample_resume(tmp_path, trained_teacher):
     images = np.load(out / "s.npz")["arr_0"]
     assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8
 
-    r = cli("cm_at.py", *common, "--steps", "3", "--resume", str(out / "ckpt.pt"))  # the teacher path is saved
+    r = cli("cm_at.py", "--steps", "3", "--resume", str(out / "ckpt.pt"))  # every other setting is saved
     assert r.returncode == 0, r.stderr
+    assert json.loads((out / "args.json").read_text())["num_scales"] == 12
     resumed = torch.load(out / "ckpt.pt", weights_only=True)
     assert resumed["step"] == 3 and max(s["step"] for s in resumed["opt"]["state"].values()) == 6
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in records] == [1, 2, 3]
+    r = cli("cm_at.py", "--steps", "4", "--num-scales", "18", "--resume", str(out / "ckpt.pt"))
+    assert r.returncode == 1 and "contradicts" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("case, expect", [

@@ -106,8 +106,9 @@ def test_free_at_matches_reference_loop(target, eta):
 
 
 def test_free_at_known_values():
-    """Pinned values of the reference loop above (computed once with it, float64), so that a change to both the code
-    and the reference cannot pass unnoticed; `delta` ascends opposite to `delta_detach` on this batch."""
+    """Pinned values of reference_free_at (the independent numpy loop above, float64, written down when it was first
+    run), so that a change to both the code and the reference cannot pass unnoticed; `delta` ascends opposite to
+    `delta_detach` on this batch (their delta-gradients have opposite signs, docs/method.md §4.2)."""
     trace, losses, deltas, _ = run_free_at("delta_detach", 0.1)
     assert trace == pytest.approx([0.5218555234, 0.5359202413, 0.5437927397], abs=1e-9)
     assert losses == pytest.approx([0.2218852794, 0.1800495487, 0.1455837206], abs=1e-9)
@@ -214,20 +215,39 @@ def test_adversarial_loss_not_lower():
     assert adv.item() >= clean.item()
 
 
-def test_edm_step_projects_onto_the_ball():
-    """An EDM + AT step with a small budget: every delta (VP units) reaches the radius eta sqrt(d) and no further."""
-    seen = []
-    real = dpm_at.edm_loss
+def record_deltas(monkeypatch, name):
+    """Wrap dpm_at.<name> (a loss) so that every delta it is called with is recorded; returns the list."""
+    seen, real = [], getattr(dpm_at, name)
 
     def spy(*a, **k):
         seen.append(a[5].detach().clone())
         return real(*a, **k)
 
-    dpm_at.edm_loss = spy
-    try:
-        (clean, adv, _), changed, _ = step_tiny("edm", adv_budget=0.002, adv_step_size=0.5)
-    finally:
-        dpm_at.edm_loss = real
+    monkeypatch.setattr(dpm_at, name, spy)
+    return seen
+
+
+def test_linf_and_sqrt_d_steps(monkeypatch):
+    """--adv-norm linf: sign steps of alpha clamped to [-eta, eta] per coordinate (PGD-linf, Madry et al. 2018), so a
+    step longer than eta lands every coordinate on the bound. --adv-step-scale sqrt_d: the l2 step alpha sqrt(d)
+    reaches the radius eta sqrt(d) after one ascent step when alpha >= eta (docs/method.md §4.3)."""
+    seen = record_deltas(monkeypatch, "ddpm_loss")
+    step_tiny(adv_norm="linf", adv_budget=0.01, adv_step_size=0.5, adv_steps=2)
+    assert torch.equal(seen[-1].abs(), torch.full_like(seen[-1], 0.01))
+    (_, _, delta_norm), _, _ = step_tiny(adv_step_scale="sqrt_d", adv_steps=2)
+    assert delta_norm.item() == pytest.approx(0.1 * math.sqrt(3072), rel=1e-5)
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    """--dry-run prints the resolved config (the cifar10 recipe here) and creates no run folder."""
+    dpm_at.main(dpm_at.parse_args(["--dataset", "cifar10", "--dry-run", "--out", str(tmp_path / "r")]))
+    assert json.loads(capsys.readouterr().out)["at_start"] == 250_000 and not (tmp_path / "r").exists()
+
+
+def test_edm_step_projects_onto_the_ball(monkeypatch):
+    """An EDM + AT step with a small budget: every delta (VP units) reaches the radius eta sqrt(d) and no further."""
+    seen = record_deltas(monkeypatch, "edm_loss")
+    (clean, adv, _), changed, _ = step_tiny("edm", adv_budget=0.002, adv_step_size=0.5)
     norms = seen[-1].flatten(1).norm(dim=1)
     assert torch.allclose(norms, torch.full_like(norms, 0.002 * math.sqrt(3072)), rtol=1e-5)
     assert torch.isfinite(clean) and torch.isfinite(adv) and changed
@@ -241,11 +261,11 @@ def test_learned_sigma_and_importance_step():
     (clean, adv, delta_norm), _, _ = step_tiny(t_state=t_state, learn_sigma=True)
     assert torch.isfinite(clean) and torch.isfinite(adv) and delta_norm > 0
     assert t_state["count"].sum().item() == 10 * T + 3 * 4
-    p = (t_state["history"] ** 2).mean(1).sqrt()
+    # IDDPM Sec. 3.3 written out: p_t ~ sqrt(mean of the squared history), mixed with 0.1% uniform
+    p = (t_state["history"].double() ** 2).mean(1).sqrt()
     p = 0.999 * p / p.sum() + 0.001 / T
-    _, w = dpm_at.sample_t(t_state, 8, T, torch.Generator().manual_seed(1), "cpu")
-    assert (p * (1 / (T * p))).sum().item() == pytest.approx(1.0)
-    assert torch.isfinite(w).all() and (w > 0).all()
+    t, w = dpm_at.sample_t(t_state, 8, T, torch.Generator().manual_seed(1), "cpu")
+    assert torch.allclose(w.double(), 1 / (T * p[t]), rtol=1e-5)
 
 
 def iddpm_history(history, count, ts, losses):
@@ -311,8 +331,9 @@ TINY_RUN = ["--tiny", "--num-shapes", "32", "--batch-size", "2", "--grid-every",
 
 
 def test_run_resume_equals_straight_run(tmp_path):
-    """A 2-step run writes a checkpoint, grids, metrics and args.json; resuming it to step 3 continues the step
-    counter, the optimizer (K = 3 steps per batch) and the RNG, and reaches the weights of a straight 3-step run."""
+    """A 2-step run writes a checkpoint, grids, metrics and args.json; resuming it with only --resume and --steps 3
+    takes every other setting from the checkpoint, continues the step counter, the optimizer (K = 3 steps per batch)
+    and the RNG, and reaches the weights of a straight 3-step run."""
     out = tmp_path / "run"
     dpm_at.main(dpm_at.parse_args([*TINY_RUN, "--steps", "2", "--out", str(out)]))
     assert (out / "ckpt.pt").exists() and (out / "grid_0000002.png").exists()
@@ -320,7 +341,9 @@ def test_run_resume_equals_straight_run(tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert ckpt["step"] == 2 and ckpt["loss"] == "ddpm" and ckpt["schedule"] == "cosine"
     assert max(s["step"] for s in ckpt["opt"]["state"].values()) == 6
-    dpm_at.main(dpm_at.parse_args([*TINY_RUN, "--steps", "3", "--resume", str(out / "ckpt.pt")]))
+    dpm_at.main(dpm_at.parse_args(["--steps", "3", "--resume", str(out / "ckpt.pt"), "--device", "cpu"]))
+    settings = json.loads((out / "args.json").read_text())
+    assert (settings["batch_size"], settings["num_shapes"], settings["ema_decay"], settings["steps"]) == (2, 32, 0.9, 3)
     resumed = torch.load(out / "ckpt.pt", weights_only=True)
     assert resumed["step"] == 3 and max(s["step"] for s in resumed["opt"]["state"].values()) == 9
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
@@ -331,15 +354,15 @@ def test_run_resume_equals_straight_run(tmp_path):
 
 
 def test_at_start_and_checkpoint_settings(tmp_path):
-    """--at-start 1: batch 1 is clean (delta 0), batch 2 is AT with a fresh optimizer state (3 steps). An EDM run resumed
-    without --loss records loss "edm" in args.json; a flag that contradicts the checkpoint is refused."""
+    """--at-start 1: batch 1 is clean (delta 0), batch 2 is AT with a fresh optimizer state (3 steps). An EDM run
+    resumed without --loss records loss "edm" in args.json; a flag that contradicts the checkpoint is refused."""
     out = tmp_path / "run"
     dpm_at.main(dpm_at.parse_args([*TINY_RUN, "--loss", "edm", "--at-start", "1", "--steps", "2", "--out", str(out)]))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records[0]["delta_norm"] == 0 and records[1]["delta_norm"] > 0
     ckpt = torch.load(out / "ckpt.pt", weights_only=True)
     assert max(s["step"] for s in ckpt["opt"]["state"].values()) == 3  # a fresh AdamW state when AT starts
-    dpm_at.main(dpm_at.parse_args([*TINY_RUN, "--steps", "3", "--resume", str(out / "ckpt.pt")]))
+    dpm_at.main(dpm_at.parse_args(["--steps", "3", "--resume", str(out / "ckpt.pt"), "--device", "cpu"]))
     assert json.loads((out / "args.json").read_text())["loss"] == "edm"
     with pytest.raises(dpm_at.UserError, match="contradicts"):
         dpm_at.main(dpm_at.parse_args([*TINY_RUN, "--loss", "ddpm", "--steps", "4", "--resume", str(out / "ckpt.pt")]))
@@ -380,14 +403,15 @@ def test_existing_run_is_not_overwritten(tmp_path):
 
 
 def test_nan_loss_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    """A loss that turns NaN stops training with a message and leaves the last good checkpoint untouched."""
+    """A loss that turns NaN at batch 4, between log steps (every 3) but at a save step (every 2), stops training
+    before that save: the checkpoint on disk stays the last good one (step 2)."""
     calls = []
     real_loss = dpm_at.ddpm_loss
 
     def poisoned(*a, **k):
         calls.append(1)
         loss = real_loss(*a, **k)
-        return loss * float("nan") if len(calls) > 6 else loss  # batches 1-2 fine (3 passes each), then NaN
+        return loss * float("nan") if len(calls) > 9 else loss  # batches 1-3 fine (3 passes each), then NaN
 
     monkeypatch.setattr(dpm_at, "ddpm_loss", poisoned)
     args = dpm_at.parse_args([*TINY_RUN, "--steps", "6", "--log-every", "3", "--grid-every", "100",
@@ -447,6 +471,7 @@ def test_ring_run_samples_as_points(tmp_path):
     assert ckpt["args"]["input_perturbation"] == 0.1 and (tmp_path / "run" / "grid_0000002.png").exists()
     for argv, expect in [(["--dataset", "ring", "--preset", "tiny"], "does not fit"),
                          (["--dataset", "shapes", "--preset", "mlp2d"], "does not fit"),
-                         (["--loss", "edm", "--input-perturbation", "0.1"], "input-perturbation")]:
+                         (["--loss", "edm", "--input-perturbation", "0.1"], "input-perturbation"),
+                         (["--loss", "edm", "--learn-sigma"], "belong to --loss ddpm")]:
         with pytest.raises(dpm_at.UserError, match=expect):
             dpm_at.resolve_args(dpm_at.parse_args(argv))

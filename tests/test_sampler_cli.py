@@ -119,6 +119,14 @@ def test_ts_and_clip_flags(ckpts, tmp_path):
     assert np.array_equal(a, b)
 
 
+def test_consistency_default_is_one_step(ckpts, tmp_path):
+    """Without --steps a consistency checkpoint samples in one step (CM Alg. 1), equal to --ts 0,17 on its N = 18
+    grid; the diffusion default of 18 points would not fit that grid."""
+    one = sample(ckpts["cm"], tmp_path / "a.npz", "--sampler", "consistency", "--num", "2")
+    assert np.array_equal(one, sample(ckpts["cm"], tmp_path / "b.npz", "--sampler", "consistency", "--num", "2",
+                                      "--ts", "0,17"))
+
+
 @pytest.mark.parametrize("argv, expect", [
     (["--seeds", "5-3"], "ends below its start"), (["--seeds", "0-99999999999"], "spans"),
     (["--seeds", "a-b"], "expected integers"), (["--seeds", "99999999999999999999"], "below 2\\*\\*63"),
@@ -129,7 +137,7 @@ def test_ts_and_clip_flags(ckpts, tmp_path):
     (["--sampler", "consistency", "--ts", "0,10"], "from 0 to N - 1 = 17"),
     (["--sampler", "consistency", "--ts", "0,18"], "from 0 to N - 1 = 17"),
     (["--sampler", "consistency", "--ts", "0,x"], "expected integers"),
-    (["--sampler", "consistency", "--steps", "40"], "increase strictly"),
+    (["--sampler", "consistency", "--steps", "40"], "at most 17 steps"),
     (["--sampler", "consistency", "--ts", "0,17", "--steps", "1"], "not both"),
 ])
 def test_bad_seeds_and_ts(ckpts, tmp_path, argv, expect):
