@@ -8,13 +8,11 @@ Borrowed: consistency distillation, boundary scalings and the N-point Karras gri
           Models", Alg. 2, Eq. 7, App. C); EDM's Heun/Euler ODE step (Karras et al. 2022, Alg. 1); the pseudo-Huber
           distance (Song & Dhariwal 2023, "Improved Techniques for Training CMs", Sec. 3.3); free AT minibatch replay
           (Shafahi et al. 2019, Alg. 1) with the loop of the authors' DPM code, as in dpm_at.py.
-Uses: unet.py, data.py, sampler.py, attacks.py.     Used by: nothing (its checkpoint is read by sampler.py; the
-      teacher is a checkpoint file written by dpm_at.py).
+Uses: unet.py, data.py, sampler.py, attacks.py, a dpm_at.py teacher.   Used by: nothing (sampler.py reads its output).
 
     python dpm_at.py --loss edm --adv-steps 0 --out runs/shapes_edm                 # a teacher first
     python cm_at.py --teacher runs/shapes_edm/ckpt.pt --tiny                        # about a minute on a CPU
     python cm_at.py --teacher runs/c10_edm/ckpt.pt --dataset cifar10 --out runs/c10_cd_at   # CIFAR-10 (CM Table 3)
-    torchrun --nproc_per_node=4 cm_at.py --teacher runs/c10_edm/ckpt.pt --dataset cifar10 --out runs/c10_cd_at
 
 Symbols: x_0 -> x0, z -> z, grid t_0 > ... > t_{N-1} -> sigmas, t_i -> sigma_hi, t_{i+1} -> sigma_lo, student
          f_theta -> f, target f_theta- -> f_target, teacher D_phi -> teacher, target rate mu -> target_decay,
@@ -80,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       help="d(f, f_target): l2 = per-pixel mean square (CM Sec. 3) or pseudo_huber (iCT Sec. 3.3); default l2")
     a("--dropout", type=float, default=None, help="student dropout; default the teacher's")
     a("--adv-steps", type=int, default=3, help="K inner passes per batch, each an optimizer step (as dpm_at.py); "
-                                                "0 = plain CD; default 3")
+                                               "0 = plain CD; default 3")
     a("--adv-step-size", type=float, default=0.1, help="ascent step alpha (as dpm_at.py); default 0.1")
     a("--adv-budget", type=float, default=0.1, help="eta: l2 radius eta*sqrt(d), or the l-inf bound; <= 0: no "
                                                     "projection; default 0.1")
@@ -140,10 +138,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The teacher's ODE step and the consistency loss (docs/method.md §5.2)
-
-
+# ---- The teacher's ODE step and the consistency loss (docs/method.md §5.2) -------------------------------------
 @torch.no_grad()
 def teacher_step(teacher, x_hi, sigma_hi, sigma_lo, heun: bool = True) -> torch.Tensor:
     """One step of the probability-flow ODE dx/dsigma = (x - D(x; sigma))/sigma from sigma_hi down to sigma_lo.
@@ -176,34 +171,27 @@ def pseudo_huber_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 DISTANCES = {"l2": l2_distance, "pseudo_huber": pseudo_huber_distance}
 
 
-def _dropout_rng(device: torch.device):
-    """The module whose get/set_rng_state drive nn.Dropout's masks on this device."""
-    return torch.cuda if device.type == "cuda" else torch
-
-
 def cd_loss(f, f_target, x_hi, delta, x_lo, sigma_hi, sigma_lo, distance: str = "l2") -> torch.Tensor:
     """Per-sample CD-AT loss (B,) (CM Eq. 7 with uniform weight; the AT form of docs/method.md §5.4):
 
         l = d( f_theta(x_hi + delta, sigma_hi), sg f_theta-(x_lo, sigma_lo) )
     delta shifts only the student's input; the target is the clean one, as x_0 is unchanged in the DPM form.
     """
-    state = _dropout_rng(x_hi.device).get_rng_state()
+    dropout_rng = torch.cuda if x_hi.device.type == "cuda" else torch  # draws nn.Dropout's masks on this device
+    state = dropout_rng.get_rng_state()
     online = f(x_hi + delta, sigma_hi)
     # As the CM reference code: the target pass replays the online pass's dropout masks (no-op without dropout).
-    _dropout_rng(x_hi.device).set_rng_state(state)
+    dropout_rng.set_rng_state(state)
     with torch.no_grad():  # sg: no gradient through the target net or into delta from it
         target = f_target(x_lo, sigma_lo)
     return DISTANCES[distance](online, target)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The algorithm: one data batch of consistency distillation with free AT (the shape of dpm_at.train_step)
-
-
+# ---- The algorithm: one data batch of consistency distillation with free AT (as dpm_at.train_step) -------------
 # same as in dpm_at.py: keep in sync
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    # theta_ema <- decay * theta_ema + (1 - decay) * theta, after every optimizer step (decay 0 copies theta)
+    # theta_ema <- decay * theta_ema + (1 - decay) * theta after every optimizer step (authors' code); decay 0 copies
     torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
 
 
@@ -250,8 +238,14 @@ def train_step(student, target, ema, opt, teacher, x0, sigmas, generator, *, adv
     return clean_loss, loss.detach(), attacks.per_sample_norm(delta.detach()).mean()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Teacher, student, checkpoints (one torch.save of plain dicts and tensors, read back with weights_only=True), grids
+# ---- Teacher, student, checkpoints (one torch.save of plain dicts and tensors), grids, torchrun ----------------
+def checkpoint_state(args, net_config: dict, student, ema, target, opt, step: int, generator, sigma_data) -> dict:
+    """The checkpoint that sampler.py reads (net, EMA, the grid), plus what --resume needs (target, optimizer, RNG)."""
+    return dict(format="adv-diffusion/1", kind="cm", loss="cd", net=net_config, model=student.state_dict(),
+                ema=ema.state_dict(), target=target.state_dict(), opt=opt.state_dict(), step=step, args=vars(args),
+                num_scales=args.num_scales, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, sigma_data=sigma_data,
+                teacher=str(args.teacher), rng_cpu=torch.get_rng_state(), rng_gen=generator.get_state(),
+                rng_cuda=cuda_rng(args.device))
 
 
 # same as in dpm_at.py: keep in sync
@@ -349,9 +343,9 @@ def ddp_any(flag: bool, device) -> bool:
 
 
 def main(args: argparse.Namespace) -> None:
-    resumed = load_checkpoint(args.resume, "cm") if args.resume else None
-    if resumed:
-        adopt_checkpoint(args, resumed, args.resume)
+    source = load_checkpoint(args.resume, "cm") if args.resume else None
+    if source:
+        adopt_checkpoint(args, source, args.resume)
     args = resolve_args(args)
     teacher_ckpt = load_checkpoint(args.teacher, "dpm")  # validated before anything is written
     ckpt_path = os.path.join(args.out, "ckpt.pt")
@@ -368,8 +362,7 @@ def main(args: argparse.Namespace) -> None:
                                image_size=teacher_ckpt["net"]["image_size"]).to(args.device)
     teacher = load_teacher(teacher_ckpt, args.device)
     sigma_data = teacher_ckpt.get("sigma_data", 0.5)
-    net_config, state = (resumed["net"], resumed["model"]) if resumed else \
-        student_from_teacher(teacher_ckpt, args.dropout)
+    net_config, state = (source["net"], source["model"]) if source else student_from_teacher(teacher_ckpt, args.dropout)
     student = unet.build_from_config(net_config).to(args.device)
     student.load_state_dict(state)
     # The target net starts as the student and runs in train mode, as the online pass (same dropout masks).
@@ -378,28 +371,24 @@ def main(args: argparse.Namespace) -> None:
     opt = torch.optim.RAdam(student.parameters(), lr=args.lr)  # CM App. C (CIFAR-10): RAdam, constant lr
     train_student = student if world == 1 else DistributedDataParallel(  # averages weight gradients over processes
         student, device_ids=[args.device] if "cuda" in args.device else None)
-    num_scales = args.num_scales
-    sigmas = sampler.karras_sigmas(num_scales, SIGMA_MIN, SIGMA_MAX)[:-1].to(args.device)  # drop t_N = 0
-    step = load_state(resumed, args, ema, target, opt, generator, rank)
-    at = dict(adv_steps=args.adv_steps, adv_step_size=args.adv_step_size, adv_budget=args.adv_budget,
-              adv_norm=args.adv_norm, adv_step_scale=args.adv_step_scale, adv_space=args.adv_space,
-              distance=args.distance, heun=args.solver == "heun", target_decay=args.target_decay,
-              ema_decay=args.ema_decay, sigma_data=sigma_data)
+    sigmas = sampler.karras_sigmas(args.num_scales, SIGMA_MIN, SIGMA_MAX)[:-1].to(args.device)  # drop t_N = 0
+    step = load_state(source, args, ema, target, opt, generator, rank)
+    at = dict(adv_steps=args.adv_steps, adv_step_size=args.adv_step_size, adv_step_scale=args.adv_step_scale,
+              adv_budget=args.adv_budget, adv_norm=args.adv_norm, adv_space=args.adv_space, heun=args.solver == "heun",
+              distance=args.distance, target_decay=args.target_decay, ema_decay=args.ema_decay, sigma_data=sigma_data)
     log = Logger(args, rank, step)
-    log.say(f"{unet.count_parameters(student) / 1e6:.2f}M parameters; teacher {args.teacher} ({teacher_ckpt['loss']});"
-            f" data {tuple(images.shape)}; N = {num_scales}; AT K={args.adv_steps}; starting at step {step}; "
+    log.say(f"{unet.count_parameters(student) / 1e6:.2f}M parameters; teacher {args.teacher} ({teacher_ckpt['loss']}); "
+            f"data {tuple(images.shape)}; N = {args.num_scales}; AT K={args.adv_steps}; starting at step {step}; "
             f"{world} process(es); outputs in {args.out}/")
     if step == 0 and rank == 0:  # the student before distillation: the teacher's F under the consistency scalings
         save_grids(ema, sigmas, args.out, 0, images.shape[1:], args.num_grid, args.seed, sigma_data)
-    interrupted = []  # Ctrl-C: finish the batch, save, exit; a second Ctrl-C stops at once
-    signal.signal(signal.SIGINT, lambda *a: signal.default_int_handler(*a) if interrupted else interrupted.append(1))
+    ctrl_c = []  # Ctrl-C: finish the batch, save, exit (under torchrun: all at the next log step); twice: stop at once
+    signal.signal(signal.SIGINT, lambda *a: signal.default_int_handler(*a) if ctrl_c else ctrl_c.append(1))
     for step in tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, disable=rank > 0):
         x0 = data.random_batch(images, args.batch_size // world, generator)
         x0 = x0.contiguous(memory_format=torch.channels_last) if "cuda" in args.device else x0
         log.add(train_step(train_student.train(), target.train(), ema, opt, teacher, x0, sigmas, generator, **at))
-        # under torchrun every process stops at the same step: the next log step after a Ctrl-C reached any of them
-        stop = ddp_any(bool(interrupted), args.device) if world > 1 and step % args.log_every == 0 else \
-            bool(interrupted) and world == 1
+        stop = bool(ctrl_c) if world == 1 else step % args.log_every == 0 and ddp_any(bool(ctrl_c), args.device)
         if step % args.log_every == 0 or step == args.steps or stop:
             log.write(step, args.lr)  # one host sync; stops on a non-finite loss
         elif step % args.save_every == 0:
@@ -407,13 +396,8 @@ def main(args: argparse.Namespace) -> None:
         if rank == 0 and (step % args.grid_every == 0 or step == args.steps):
             save_grids(ema, sigmas, args.out, step, images.shape[1:], args.num_grid, args.seed, sigma_data)
         if rank == 0 and (step % args.save_every == 0 or step == args.steps or stop):
-            save_checkpoint(ckpt_path, dict(format="adv-diffusion/1", kind="cm", loss="cd", net=net_config,
-                                            model=student.state_dict(), ema=ema.state_dict(),
-                                            target=target.state_dict(), opt=opt.state_dict(), step=step,
-                                            args=vars(args), num_scales=num_scales, sigma_min=SIGMA_MIN,
-                                            sigma_max=SIGMA_MAX, sigma_data=sigma_data, teacher=str(args.teacher),
-                                            rng_cpu=torch.get_rng_state(), rng_gen=generator.get_state(),
-                                            rng_cuda=cuda_rng(args.device)))
+            save_checkpoint(ckpt_path, checkpoint_state(args, net_config, student, ema, target, opt, step, generator,
+                                                        sigma_data))
         if stop:
             log.say(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume {ckpt_path}")
             sys.exit(130)
@@ -455,7 +439,7 @@ class Logger:
     mean over the steps and the processes goes to metrics.jsonl and one printed line. args.json is written first."""
 
     def __init__(self, args, rank: int, step: int):
-        self.args, self.rank, self.sums, self.step, self.time = args, rank, None, step, time.time()
+        self.args, self.rank, self.sums, self.step, self.time = args, rank, 0, step, time.time()
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "args.json"), "w") as f:
@@ -466,8 +450,7 @@ class Logger:
             print(text)
 
     def add(self, losses) -> None:
-        s = torch.stack(losses)
-        self.sums = s if self.sums is None else self.sums + s
+        self.sums = self.sums + torch.stack(losses)
 
     def check(self, step: int) -> list:
         """The mean (loss, adv loss, ||delta||) since the last log step over all processes; a non-finite loss stops
@@ -491,7 +474,7 @@ class Logger:
                                         img_per_s=n * self.args.batch_size / dt, sec_per_step=dt / n)) + "\n")
             tqdm.write(f"step {step}: loss {loss:.4g}, adv {adv_loss:.4g}, |delta| {delta_norm:.3f}, "
                        f"{dt / n:.2f} s/step")
-        self.sums, self.step, self.time = None, step, time.time()
+        self.sums, self.step, self.time = 0, step, time.time()
 
 
 if __name__ == "__main__":

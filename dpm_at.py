@@ -7,14 +7,11 @@ Borrowed: DDPM (Ho et al. 2020) Alg. 1 and L_simple; IDDPM (Nichol & Dhariwal 20
           loss-aware t-sampling; EDM (Karras et al. 2022) Table 1 loss; free AT "minibatch replay" (Shafahi et al.
           2019, Alg. 1); DDPM-IP (Ning et al. 2023, Alg. 1) as a baseline. The loop follows the authors' released
           code (cifar_adv_train.sh); docs/method.md §2-§4 has the equations in the order the code runs them.
-Uses: unet.py, data.py, sampler.py, attacks.py.     Used by: nothing (its checkpoint file is what cm_at.py and
-      sampler.py read).
+Uses: unet.py, data.py, sampler.py, attacks.py.     Used by: nothing (cm_at.py and sampler.py read its checkpoint).
 
     python dpm_at.py                                        # offline demo on a CPU (generated `shapes`): grids in runs/
     python dpm_at.py --tiny                                 # about a minute on a CPU: watch the loop run
     python dpm_at.py --dataset cifar10                      # the paper's run: 250K clean steps, then 200K AT batches
-    python dpm_at.py --dataset cifar10 --init-from runs/c10_clean/ckpt.pt   # AT fine-tuning of a clean model at once
-    torchrun --nproc_per_node=4 dpm_at.py --dataset cifar10                 # the same on 4 GPUs, 32 images each
 
 Symbols: x_0 -> x0, eps -> eps, alpha_bar_t -> alpha_bar, perturbation delta -> delta, K -> adv_steps,
          ascent step alpha -> adv_step_size, budget eta (RMS per coordinate, radius eta*sqrt(d)) -> adv_budget.
@@ -49,9 +46,8 @@ DATASET_DEFAULTS = {
     "shapes": dict(preset="tiny", steps=2000, at_start=0, batch_size=16, lr=1e-3, ema_decay=0.99, learn_sigma=False,
                    t_sampler="uniform", log_every=20, grid_every=200, save_every=200, num_grid=64),
     # the 2-D point sets (data.POINT_SETS) train an MLP; their "grid" is a scatter image of num_grid samples
-    "points": dict(preset="mlp2d", steps=3000, at_start=0, batch_size=512, lr=1e-3, ema_decay=0.995,
-                   learn_sigma=False, t_sampler="uniform", log_every=100, grid_every=1000, save_every=1000,
-                   num_grid=5000),
+    "points": dict(preset="mlp2d", steps=3000, at_start=0, batch_size=512, lr=1e-3, ema_decay=0.995, learn_sigma=False,
+                   t_sampler="uniform", log_every=100, grid_every=1000, save_every=1000, num_grid=5000),
 }
 TINY = dict(preset="tiny", steps=20, at_start=0, batch_size=8, ema_decay=0.9, log_every=5, grid_every=10,
             save_every=10, num_grid=16, num_shapes=512)
@@ -65,12 +61,10 @@ class UserError(Exception):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("--dataset", default="shapes", help="cifar10 | shapes (offline, generated) | ring | checkerboard (2-D) | "
-                                          "folder:PATH; default shapes")
+    a("--dataset", default="shapes", help="cifar10 | shapes (default; offline) | 2-D: ring, checkerboard | folder:PATH")
     a("--data-dir", default="./data", help="where cifar-10-python.tar.gz lives or is downloaded; default ./data")
     a("--out", default=None, help="run directory; default runs/<dataset>_<at|std>")
-    a("--steps", type=int, default=None, help="data batches in all (the step counter); cifar10: 450000 "
-                                              "(200000 with --init-from)")
+    a("--steps", type=int, default=None, help="data batches in all; cifar10: 450000 (200000 with --init-from)")
     a("--at-start", type=int, default=None, help="step at which AT starts (clean training before); cifar10: 250000 "
                                                  "(authors' recipe), 0 with --init-from or other data")
     a("--batch-size", type=int, default=None, help="images per batch over all torchrun processes; cifar10: 128")
@@ -87,7 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--t-sampler", default=None, choices=["uniform", "loss-second-moment"],
       help="ddpm timestep sampling (IDDPM Sec. 3.3); cifar10: loss-second-moment, else uniform")
     a("--adv-steps", type=int, default=3, help="K inner passes per batch, each an optimizer step (authors' code); "
-                                                "0 = standard training; default 3")
+                                               "0 = standard training; default 3")
     a("--adv-step-size", type=float, default=0.1, help="ascent step alpha (authors' adv_lr); default 0.1")
     a("--adv-budget", type=float, default=0.1, help="eta: l2 radius eta*sqrt(d), or the l-inf bound (authors' "
                                                     "adv_max_norm); <= 0: no projection; default 0.1")
@@ -169,8 +163,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if (family == "points") != (unet.PRESETS[args.preset].get("arch") == "mlp"):
         raise UserError(f"--preset {args.preset} does not fit --dataset {args.dataset} (2-D points need mlp2d)")
     if args.loss == "edm":  # learned variance and the loss-aware t-sampler belong to the VP/DDPM loss only
-        if {"learn_sigma", "t_sampler"} & set(getattr(args, "explicit", ())) and \
-                (args.learn_sigma or args.t_sampler != "uniform"):
+        explicit = getattr(args, "explicit", ())
+        if ("learn_sigma" in explicit and args.learn_sigma) or \
+                ("t_sampler" in explicit and args.t_sampler != "uniform"):
             raise UserError("--learn-sigma and --t-sampler loss-second-moment belong to --loss ddpm")
         args.learn_sigma, args.t_sampler = False, "uniform"
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
@@ -179,18 +174,14 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The losses at a perturbed input x_t + delta (docs/method.md §4.1-4.2)
-
-
+# ---- The losses at a perturbed input x_t + delta (docs/method.md §4.1-4.2) -------------------------------------
 def ddpm_loss(net, x0, x_t, t, eps, delta, alpha_bar, target: str = "delta_detach") -> torch.Tensor:
     """Per-sample AT loss (B,) at x_t + delta (Wang et al. 2025, the AT objective; docs/method.md §4.1):
 
         l = mean || eps + delta / sqrt(1 - alpha_bar_t) - eps_theta(x_t + delta, t) ||^2
-    eps + delta/sqrt(1 - alpha_bar_t) is the noise that takes x0 to x_t + delta. With delta = 0 this is DDPM's
-    L_simple (Ho et al. 2020, Eq. 14). The targets `delta`, `delta_detach`, `original` have the same value or drop
-    the shift; they differ in the gradient w.r.t. delta. A learned-variance network ([eps, v] output) adds IDDPM's
-    L_vb (the hybrid loss, IDDPM Sec. 3.1).
+    eps + delta/sqrt(1 - alpha_bar_t) is the noise that takes x0 to x_t + delta; with delta = 0 this is DDPM's
+    L_simple (Ho et al. 2020, Eq. 14). Targets `delta` and `delta_detach` differ only in the gradient w.r.t. delta;
+    `original` drops the shift. A learned-variance network ([eps, v] output) adds L_vb (IDDPM Sec. 3.1, hybrid loss).
     """
     s = sampler.expand((1 - alpha_bar.to(x_t.device)[t]).sqrt(), x_t)  # (B, 1, 1, 1)
     out = net(x_t + delta, t.to(x_t.dtype))
@@ -217,8 +208,7 @@ def vb_term(x0, x_t, t, eps_hat, v, alpha_bar) -> torch.Tensor:
     frac = (v + 1) / 2
     model_log_var = frac * lb + (1 - frac) * lbt
     true_mean, model_mean = c1 * x0 + c2 * x_t, c1 * x0_hat + c2 * x_t  # DDPM Eq. 7
-    # KL of two Gaussians, per coordinate
-    kl = 0.5 * (-1 + model_log_var - lbt + (lbt - model_log_var).exp()
+    kl = 0.5 * (-1 + model_log_var - lbt + (lbt - model_log_var).exp()  # KL of two Gaussians, per coordinate
                 + (true_mean - model_mean) ** 2 * (-model_log_var).exp())
     nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_log_var)  # DDPM Sec. 3.3 decoder
     per_dim = torch.where((t == 0).view(-1, *([1] * (x_t.dim() - 1))), nll, kl) / math.log(2.0)
@@ -256,24 +246,20 @@ def edm_loss(net, x0, x_t, sigma, eps, delta, target: str = "delta_detach", sigm
     return (weight * (D_x - shifted) ** 2).flatten(1).mean(1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Drawing the noise level and the noise (docs/method.md §2.6, §3.1)
-
-
+# ---- Drawing the noise level and the noise (docs/method.md §2.6, §3.1) -----------------------------------------
 def ddpm_noise(x0, generator, alpha_bar, t_state=None, input_perturbation: float = 0.0):
     """t (uniform, or IDDPM's loss-aware sampler) and eps ~ N(0, I); x_t = sqrt(ab) x0 + sqrt(1 - ab) eps (DDPM
     Eq. 4). Returns (x_t, t, eps, weight): weight = 1/(T p_t) importance weights, 1.0 for uniform t.
     DDPM-IP (Ning et al. 2023, Alg. 1 line 5) builds x_t from eps + gamma*xi but keeps eps as the target."""
     t, weight = sample_t(t_state, x0.shape[0], alpha_bar.shape[0], generator, x0.device)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
-    noise = eps
-    if input_perturbation > 0:
-        noise = eps + input_perturbation * torch.randn(x0.shape, generator=generator, device=x0.device)
+    noise = eps + input_perturbation * torch.randn(x0.shape, generator=generator, device=x0.device) \
+        if input_perturbation > 0 else eps
     return sampler.q_sample(x0, t, noise, alpha_bar), t, eps, weight
 
 
 def edm_noise(x0, generator):
-    """EDM Table 1 (training): ln sigma ~ N(P_mean = -1.2, P_std = 1.2^2), x_t = x0 + sigma*eps.
+    """EDM Table 1 (training): ln sigma ~ N(P_mean, P_std^2) with P_mean = -1.2, P_std = 1.2; x_t = x0 + sigma*eps.
     Returns (x_t, sigma, eps, weight 1.0)."""
     sigma = (torch.randn(x0.shape[0], generator=generator, device=x0.device) * 1.2 - 1.2).exp()
     eps = torch.randn(x0.shape, generator=generator, device=x0.device)
@@ -281,7 +267,9 @@ def edm_noise(x0, generator):
 
 
 def make_t_state(T: int, device) -> dict:
-    """IDDPM's loss-second-moment history: the last 10 losses of every t, and how many losses each t has seen."""
+    """IDDPM's loss-second-moment history: the last 10 losses of every t, and how many losses each t has seen.
+    Deviation: under torchrun each process keeps its own history, fed by its own samples (IDDPM gathers every
+    process's losses); each history still sees a uniform share of the data."""
     return dict(history=torch.zeros(T, 10, device=device), count=torch.zeros(T, dtype=torch.long, device=device))
 
 
@@ -299,7 +287,6 @@ def sample_t(t_state, batch_size: int, T: int, generator, device):
 
 def update_t_history(t_state, t, losses) -> None:
     """Record each sample's loss under its t, in batch order, as IDDPM's per-sample loop does, with no host sync.
-
     A t that occurs n times in the batch fills n consecutive ring slots; if n > 10 only its last 10 losses stay."""
     T = t_state["count"].shape[0]
     same = t[:, None] == t[None, :]  # (B, B)
@@ -323,13 +310,10 @@ def make_losses(loss: str, alpha_bar, generator, *, t_state=None, adv_target: st
             functools.partial(ddpm_loss, alpha_bar=alpha_bar, target=adv_target))
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The algorithm: one data batch of efficient adversarial training
-
-
+# ---- The algorithm: one data batch of efficient adversarial training -------------------------------------------
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    # theta_ema <- decay * theta_ema + (1 - decay) * theta, after every optimizer step (authors' code)
+    # theta_ema <- decay * theta_ema + (1 - decay) * theta after every optimizer step (authors' code); decay 0 copies
     torch._foreach_lerp_(list(ema.parameters()), list(net.parameters()), 1 - decay)
 
 
@@ -374,8 +358,13 @@ def train_step(net, ema, opt, x0, noise_fn, loss_fn, *, adv_steps: int = 3, adv_
     return clean_loss, loss.detach(), attacks.per_sample_norm(delta.detach()).mean()
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints (one torch.save of plain dicts and tensors, read back with weights_only=True), grids, GPU fast path
+# ---- Checkpoints (one torch.save of plain dicts and tensors), grids, GPU fast path, torchrun -------------------
+def checkpoint_state(args, net_config: dict, net, ema, opt, step: int, generator, t_state) -> dict:
+    """The checkpoint that cm_at.py and sampler.py read, plus the optimizer, step and RNG states --resume needs."""
+    return dict(format="adv-diffusion/1", kind="dpm", loss=args.loss, net=net_config, schedule=args.schedule,
+                sigma_data=0.5, t_state=t_state, model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                step=step, args=vars(args), rng_cpu=torch.get_rng_state(), rng_gen=generator.get_state(),
+                rng_cuda=cuda_rng(args.device))
 
 
 def save_checkpoint(path: str, state: dict) -> None:
@@ -431,9 +420,7 @@ def cuda_rng(device: str):
 
 def setup_ddp(args) -> tuple[int, int]:
     """torchrun, the nanoGPT way: one process per GPU (gloo on CPU), each with its own seed and local batch.
-    Returns (rank, world size); (0, 1) without torchrun.
-    Deviation: the loss-second-moment t-sampler keeps one history per process, fed by its own samples (IDDPM
-    gathers every process's losses); each history still sees a uniform share of the data."""
+    Returns (rank, world size); (0, 1) without torchrun."""
     if "RANK" not in os.environ:
         return 0, 1
     world = int(os.environ["WORLD_SIZE"])
@@ -479,31 +466,27 @@ def main(args: argparse.Namespace) -> None:
     if world > 1:  # copies rank 0's weights to all; averages weight gradients; delta.grad stays local (per sample)
         train_net = DistributedDataParallel(train_net, device_ids=[args.device] if "cuda" in args.device else None)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    autocast = torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.precision == "bf16")
     alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta(args.schedule)).to(args.device)
-    t_state = make_t_state(len(alpha_bar), args.device) if args.loss == "ddpm" and \
-        args.t_sampler == "loss-second-moment" else None
+    t_state = make_t_state(len(alpha_bar), args.device) if args.t_sampler == "loss-second-moment" else None
     step = load_state(source, args, net, ema, opt, generator, t_state, rank)
     noise_fn, loss_fn = make_losses(args.loss, alpha_bar, generator, t_state=t_state, adv_target=args.adv_target,
                                     adv_space=args.adv_space, input_perturbation=args.input_perturbation)
-    at = dict(adv_step_size=args.adv_step_size, adv_budget=args.adv_budget, adv_norm=args.adv_norm,
-              adv_step_scale=args.adv_step_scale, ema_decay=args.ema_decay, t_state=t_state)
     log = Logger(args, rank, step)
     log.say(f"{unet.count_parameters(net) / 1e6:.2f}M parameters; data {tuple(images.shape)}; AT K={args.adv_steps} "
             f"from step {args.at_start}; starting at step {step}; {world} process(es); outputs in {args.out}/")
-    interrupted = []  # Ctrl-C: finish the batch, save, exit; a second Ctrl-C stops at once
-    signal.signal(signal.SIGINT, lambda *a: signal.default_int_handler(*a) if interrupted else interrupted.append(1))
+    ctrl_c = []  # Ctrl-C: finish the batch, save, exit (under torchrun: all at the next log step); twice: stop at once
+    signal.signal(signal.SIGINT, lambda *a: signal.default_int_handler(*a) if ctrl_c else ctrl_c.append(1))
     for step in tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, disable=rank > 0):
         x0 = data.random_batch(images, args.batch_size // world, generator)
         x0 = x0.contiguous(memory_format=torch.channels_last) if "cuda" in args.device and x0.dim() == 4 else x0
         if step == args.at_start + 1 and args.at_start > 0 and args.adv_steps > 0:  # AT starts from the clean
             opt.state.clear()  # model with a fresh AdamW state, as the authors' fine-tuning script does
-        with autocast:
-            log.add(train_step(train_net.train(), ema, opt, x0, noise_fn, loss_fn, **at,
+        with torch.autocast(torch.device(args.device).type, torch.bfloat16, enabled=args.precision == "bf16"):
+            log.add(train_step(train_net.train(), ema, opt, x0, noise_fn, loss_fn, adv_step_size=args.adv_step_size,
+                               adv_budget=args.adv_budget, adv_norm=args.adv_norm, adv_step_scale=args.adv_step_scale,
+                               ema_decay=args.ema_decay, t_state=t_state,
                                adv_steps=args.adv_steps if step > args.at_start else 0))
-        # under torchrun every process stops at the same step: the next log step after a Ctrl-C reached any of them
-        stop = ddp_any(bool(interrupted), args.device) if world > 1 and step % args.log_every == 0 else \
-            bool(interrupted) and world == 1
+        stop = bool(ctrl_c) if world == 1 else step % args.log_every == 0 and ddp_any(bool(ctrl_c), args.device)
         if step % args.log_every == 0 or step == args.steps or stop:
             log.write(step, opt.param_groups[0]["lr"])  # one host sync; stops on a non-finite loss
         elif step % args.save_every == 0:
@@ -512,11 +495,7 @@ def main(args: argparse.Namespace) -> None:
             save_grid(ema, alpha_bar, args.loss, os.path.join(args.out, f"grid_{step:07d}.png"), images.shape[1:],
                       args.num_grid, args.grid_steps, args.seed)
         if rank == 0 and (step % args.save_every == 0 or step == args.steps or stop):
-            save_checkpoint(ckpt_path, dict(format="adv-diffusion/1", kind="dpm", loss=args.loss, net=net_config,
-                                            schedule=args.schedule, sigma_data=0.5, t_state=t_state,
-                                            model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                                            step=step, args=vars(args), rng_cpu=torch.get_rng_state(),
-                                            rng_gen=generator.get_state(), rng_cuda=cuda_rng(args.device)))
+            save_checkpoint(ckpt_path, checkpoint_state(args, net_config, net, ema, opt, step, generator, t_state))
         if stop:
             log.say(f"\ninterrupted: saved {ckpt_path} at step {step}; continue with --resume {ckpt_path}")
             sys.exit(130)
@@ -554,7 +533,7 @@ class Logger:
     mean over the steps and the processes goes to metrics.jsonl and one printed line. args.json is written first."""
 
     def __init__(self, args, rank: int, step: int):
-        self.args, self.rank, self.sums, self.step, self.time = args, rank, None, step, time.time()
+        self.args, self.rank, self.sums, self.step, self.time = args, rank, 0, step, time.time()
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "args.json"), "w") as f:
@@ -565,8 +544,7 @@ class Logger:
             print(text)
 
     def add(self, losses) -> None:
-        s = torch.stack(losses)
-        self.sums = s if self.sums is None else self.sums + s
+        self.sums = self.sums + torch.stack(losses)
 
     def check(self, step: int) -> list:
         """The mean (loss, adv loss, ||delta||) since the last log step over all processes; a non-finite loss stops
@@ -590,7 +568,7 @@ class Logger:
                                         img_per_s=n * self.args.batch_size / dt, sec_per_step=dt / n)) + "\n")
             tqdm.write(f"step {step}: loss {loss:.4g}, adv {adv_loss:.4g}, |delta| {delta_norm:.3f}, "
                        f"{dt / n:.2f} s/step")
-        self.sums, self.step, self.time = None, step, time.time()
+        self.sums, self.step, self.time = 0, step, time.time()
 
 
 if __name__ == "__main__":

@@ -319,6 +319,8 @@ def test_resolve_paper_schedule():
     assert (args.steps, args.at_start) == (200_000, 0)
     args = dpm_at.resolve_args(dpm_at.parse_args(["--dataset", "cifar10", "--at-start", "5", "--steps", "9"]))
     assert (args.steps, args.at_start) == (9, 5)
+    args = dpm_at.resolve_args(dpm_at.parse_args(["--dataset", "cifar10", "--loss", "edm", "--no-learn-sigma"]))
+    assert (args.learn_sigma, args.t_sampler) == (False, "uniform")  # EDM: neither applies
 
 
 def cli(*argv, cwd=ROOT):
