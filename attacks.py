@@ -45,6 +45,16 @@ def step_length(alpha: float, d: int, step_scale: str) -> float:
     raise ValueError(f"unknown step_scale {step_scale!r}; choose 'abs' or 'sqrt_d'")
 
 
+def ball(norm: str, adv_budget: float, adv_step_size: float, d: int, step_scale: str = "abs"):
+    """(radius, step length) of the trainers' ball: l2 radius eta*sqrt(d) and step alpha (or alpha*sqrt(d)), or
+    the l-inf bound eta per coordinate and sign step alpha."""
+    if norm == "l2":
+        return l2_radius(adv_budget, d), step_length(adv_step_size, d, step_scale)
+    if norm == "linf":
+        return adv_budget, adv_step_size
+    raise ValueError(f"unknown norm {norm!r}; choose 'l2' or 'linf'")
+
+
 def project_l2(delta: torch.Tensor, radius) -> torch.Tensor:
     """Per-sample projection onto the l2 ball of the given radius."""
     # released code (docs/method.md §4.3): delta <- delta * min(1, r / max(||delta||, 1e-8))

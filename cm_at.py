@@ -211,8 +211,7 @@ def train_step(student, target, ema, opt, teacher, x0, sigmas, generator, *, adv
     f_target = sampler.consistency_fn(target, SIGMA_MIN, sigma_data)
     # 3. The ball in VP units, as dpm_at.py; with adv_space "vp" delta enters EDM space as sqrt(1 + sigma^2) delta.
     d = x0[0].numel()
-    radius = attacks.l2_radius(adv_budget, d) if adv_norm == "l2" else adv_budget
-    step_size = attacks.step_length(adv_step_size, d, adv_step_scale) if adv_norm == "l2" else adv_step_size
+    radius, step_size = attacks.ball(adv_norm, adv_budget, adv_step_size, d, adv_step_scale)
     scale = sampler.expand((1 + sigma_hi**2).sqrt(), x0).float() if adv_space == "vp" else 1.0
     delta = torch.zeros_like(x_hi)
     n_pass = max(adv_steps, 1)
@@ -229,7 +228,7 @@ def train_step(student, target, ema, opt, teacher, x0, sigmas, generator, *, adv
             clean_loss = loss.detach()
         # 6. Inner max: a normalised ascent step on delta and the projection onto the ball (PGD, Madry et al. 2018).
         if ascend:
-            step = attacks.l2_step if adv_norm == "l2" else attacks.linf_step
+            step = attacks.STEPS[adv_norm]
             delta = step(delta.detach(), delta.grad, step_size, radius)
         # 7. Outer min: one optimizer step, then the target net (rate mu, CM Alg. 2) and the eval-EMA.
         opt.step()

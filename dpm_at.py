@@ -330,8 +330,7 @@ def train_step(net, ema, opt, x0, noise_fn, loss_fn, *, adv_steps: int = 3, adv_
     x_t, level, eps, weight = noise_fn(x0)
     # 2. The ball: radius eta*sqrt(d) (l2) or eta per coordinate (linf); the released step is alpha, not scaled.
     d = x0[0].numel()
-    radius = attacks.l2_radius(adv_budget, d) if adv_norm == "l2" else adv_budget
-    step_size = attacks.step_length(adv_step_size, d, adv_step_scale) if adv_norm == "l2" else adv_step_size
+    radius, step_size = attacks.ball(adv_norm, adv_budget, adv_step_size, d, adv_step_scale)
     delta = torch.zeros_like(x_t)  # delta starts at 0 on every batch: pass 0 sees the clean x_t
     n_pass = max(adv_steps, 1)
     for k in range(n_pass):
@@ -350,7 +349,7 @@ def train_step(net, ema, opt, x0, noise_fn, loss_fn, *, adv_steps: int = 3, adv_
             clean_loss = loss.detach()
         # 5. Inner max: one normalised ascent step on delta, then projection onto the ball (PGD, Madry et al. 2018).
         if ascend:
-            step = attacks.l2_step if adv_norm == "l2" else attacks.linf_step
+            step = attacks.STEPS[adv_norm]
             delta = step(delta.detach(), delta.grad, step_size, radius)
         # 6. Outer min: one optimizer step with the weight gradient of this same backward, then the EMA.
         opt.step()

@@ -75,7 +75,7 @@ def respace(spec: str, T: int = 1000) -> list[int]:
     n = int(spec)
     if not 1 <= n <= T:
         raise ValueError(f"number of steps must lie in 1..{T}, got {n}")
-    if n == 1:
+    if n == 1:  # Deviation: IDDPM's float-stride rule gives [0]; one step from pure noise must start at T - 1
         return [T - 1]
     stride, cur, steps = (T - 1) / (n - 1), 0.0, []
     for _ in range(n):
@@ -246,6 +246,7 @@ def edm_sample(denoise, x_T: torch.Tensor, sigmas: torch.Tensor, heun: bool = Tr
                S_churn: float = 0.0) -> torch.Tensor:
     """EDM Alg. 2 (Heun; Euler if heun=False) from x_T = sigma_max z at sigmas[0]; NFE 2N - 1 (Heun) or N.
     S_churn > 0 adds EDM's stochastic churn at every level (S_min = 0, S_max = inf, S_noise = 1)."""
+    # Deviation: x stays in x_T's dtype (float32 here); EDM's generate.py runs this loop in float64
     n, t, x = len(sigmas) - 1, sigmas.tolist(), x_T
     for i in range(n):
         # EDM Alg. 2, lines 4-6: temporarily raise the noise level to t_hat = t_i (1 + gamma)

@@ -52,6 +52,16 @@ def test_l2_no_projection_when_budget_nonpositive():
     assert out.norm().item() == pytest.approx(3.0)
 
 
+def test_ball_of_the_released_recipe():
+    """The trainers' ball: eta = alpha = 0.1 at d = 3072 gives radius 0.1 * sqrt(3072) = 5.5425625842 with the
+    released absolute step 0.1 (docs/method.md §4.3), or the step 5.5425625842 with sqrt_d; l-inf takes eta, alpha."""
+    assert attacks.ball("l2", 0.1, 0.1, 3072) == pytest.approx((5.5425625842, 0.1))
+    assert attacks.ball("l2", 0.1, 0.1, 3072, "sqrt_d") == pytest.approx((5.5425625842, 5.5425625842))
+    assert attacks.ball("linf", 0.03, 0.01, 3072) == (0.03, 0.01)
+    with pytest.raises(ValueError):
+        attacks.ball("l1", 0.1, 0.1, 3072)
+
+
 def test_zero_gradient_is_safe():
     """A zero gradient gives a zero step, not NaN (the released code's 1e-8 clamp, docs/method.md §4.3)."""
     out = attacks.l2_step(torch.zeros(2, 5), torch.zeros(2, 5), 0.1, radius=1.0)
