@@ -22,10 +22,12 @@ A ddpm (VP, eps-prediction) teacher is a valid teacher, but its weights are only
 whose F is conditioned the EDM way (c_in, c_noise = ln(sigma)/4 in sampler.consistency_fn); an edm teacher's F fits.
 """
 import argparse
+import contextlib
 import copy
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -80,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--adv-steps", type=int, default=3, help="K inner passes per batch, each an optimizer step (as dpm_at.py); "
                                                "0 = plain CD; default 3")
     a("--adv-step-size", type=float, default=0.1, help="ascent step alpha (as dpm_at.py); default 0.1")
-    a("--adv-budget", type=float, default=0.1, help="eta: l2 radius eta*sqrt(d), or the l-inf bound; <= 0: no "
+    a("--adv-budget", type=float, default=0.1, help="eta >= 0: l2 radius eta*sqrt(d), or the l-inf bound; 0 = no "
                                                     "projection; default 0.1")
     a("--adv-norm", default="l2", choices=["l2", "linf"], help="perturbation ball; default l2 (as dpm_at.py)")
     a("--adv-step-scale", default="abs", choices=["abs", "sqrt_d"],
@@ -89,6 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
       "space by sqrt(1 + sigma_hi^2) (vp) or used as is (raw) (docs/method.md §4.5); default vp")
     a("--resume", default=None, help="continue a run from its checkpoint (weights, EMA, target, optimizer, step, RNG)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default cuda if available")
+    a("--threads", type=int, default=1, help="torch CPU threads; default 1 (as dpm_at.py: README, Set-up)")
     a("--seed", type=int, default=0, help="seeds data, sigma indices, z, dropout and the grids; default 0")
     a("--num-shapes", type=int, default=None, help="size of the generated shapes set; default 10000 (--tiny: 512)")
     a("--log-every", type=int, default=None, help="steps between log lines / metrics.jsonl records")
@@ -97,26 +100,67 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--num-grid", type=int, default=None, help="images per grid")
     a("--tiny", action="store_true", help="tiny data, batch and step count: see the loop run on a laptop CPU")
     a("--dry-run", action="store_true", help="print the resolved config and exit")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     for action in p._actions:  # parse again without defaults: the flags given on the command line
         action.default = argparse.SUPPRESS
     args.explicit = sorted(vars(p.parse_args(argv)))
+    args.argv = argv
     return args
 
 
-NOT_RESUMED = ("resume", "out", "device", "dry_run", "explicit")
+NOT_RESUMED = ("resume", "out", "device", "dry_run", "explicit", "argv", "threads")
 
 
 def adopt_checkpoint(args: argparse.Namespace, ckpt: dict, path: str) -> None:
-    """--resume: every setting of the run comes from the checkpoint, except the flags given now (--steps 5000
-    extends it); a flag that changes the grid or the data is refused in one line."""
+    """--resume: every setting of the run comes from the checkpoint; a flag given now that changes the run (--steps
+    5000 extends it) is applied with a one-line note; a flag that changes the grid or the data is refused."""
     saved = dict(ckpt["args"], num_scales=ckpt["num_scales"])
     for key in ("num_scales", "dataset"):
         if key in args.explicit and getattr(args, key) != saved.get(key):
             raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts {path}, which was trained "
                             f"with {saved.get(key)}; drop the flag")
-    for key in [k for k in saved if k in vars(args) and k not in NOT_RESUMED and k not in args.explicit]:
-        setattr(args, key, saved[key])
+    keys = [k for k in saved if k in vars(args) and k not in NOT_RESUMED]
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k in keys
+               if k in args.explicit and getattr(args, k) != saved[k]]
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: resuming {path} with its settings, except {', '.join(changed)}")
+    for key in keys:
+        if key not in args.explicit:
+            setattr(args, key, saved[key])
+
+
+def positive(v) -> bool:
+    return 0 < v < math.inf
+
+
+# Every numeric flag and its range; one line names the flag and the range when a value falls outside it.
+RANGES = dict(steps=(lambda v: v >= 1, ">= 1"), batch_size=(lambda v: v >= 1, ">= 1"),
+              lr=(positive, "> 0 and finite"), ema_decay=(lambda v: 0 <= v < 1, "in [0, 1)"),
+              target_decay=(lambda v: 0 <= v < 1, "in [0, 1)"), num_scales=(lambda v: v >= 2, ">= 2"),
+              dropout=(lambda v: 0 <= v < 1, "in [0, 1)"), adv_steps=(lambda v: v >= 0, ">= 0 (0 = plain CD)"),
+              adv_step_size=(lambda v: 0 <= v < math.inf, ">= 0 and finite (0 = replay: K passes on the clean x)"),
+              adv_budget=(lambda v: 0 <= v < math.inf, ">= 0 and finite (0 = no projection)"),
+              seed=(lambda v: 0 <= v < 2**63, "in [0, 2**63)"), threads=(lambda v: v >= 1, ">= 1"),
+              num_shapes=(lambda v: v >= 1, ">= 1"), log_every=(lambda v: v >= 1, ">= 1"),
+              grid_every=(lambda v: v >= 1, ">= 1"), save_every=(lambda v: v >= 1, ">= 1"),
+              num_grid=(lambda v: v >= 1, ">= 1"))
+
+
+# same as in dpm_at.py: keep in sync
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before anything is built."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device} is not a device name; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: PyTorch sees no CUDA GPU here; use --device cpu, or install the CUDA "
+                        f"build of torch on a machine with a GPU (README, Set-up)")
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: the trainers run on cpu or cuda")
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -130,11 +174,18 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.out is None:
         args.out = os.path.dirname(args.resume) if args.resume else \
             os.path.join("runs", f"{args.dataset.split(':')[0]}_cd_{'at' if args.adv_steps > 0 else 'std'}")
-    for key in ("steps", "batch_size", "log_every", "grid_every", "save_every", "num_grid"):
-        if getattr(args, key) < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.num_scales < 2 or args.adv_steps < 0 or not 0 <= args.target_decay < 1:
-        raise UserError("need --num-scales >= 2, --adv-steps >= 0 and 0 <= --target-decay < 1")
+    for key, (ok, text) in RANGES.items():
+        value = getattr(args, key)
+        if value is not None and not ok(value):
+            raise UserError(f"--{key.replace('_', '-')} must be {text}, got {value}")
+    out = os.path.abspath(args.out)  # the run folder can be made (as dpm_at.check_paths)
+    parent = out
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if os.path.exists(out) and not os.path.isdir(out) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot use {args.out} as the run folder: it is a file, or {parent} is not writable")
+    if args.dataset.startswith("folder:") and not os.path.isdir(args.dataset[len("folder:"):]):
+        raise UserError(f"image folder {args.dataset[len('folder:'):]} does not exist")
     return args
 
 
@@ -249,42 +300,84 @@ def checkpoint_state(args, net_config: dict, student, ema, target, opt, step: in
 
 # same as in dpm_at.py: keep in sync
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write atomically: torch.save to path.tmp (a fixed name, so a killed run leaves nothing that piles up), then
+    one rename. A failed write (disk full) removes the temp file and leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        kept = f"the previous {path} is intact" if os.path.exists(path) else "no checkpoint was written"
+        raise UserError(f"cannot write {path} ({str(e).splitlines()[0][:200]}); {kept}") from None
+
+
+# What each kind of checkpoint must hold for this command: a teacher its EMA weights and schedule, a run to resume
+# every state of the loop.
+NEEDS = {"dpm": ("net", "ema", "loss", "schedule"),
+         "cm": ("net", "model", "ema", "target", "opt", "step", "args", "num_scales", "teacher", "rng_cpu", "rng_gen")}
 
 
 def load_checkpoint(path: str, kind: str) -> dict:
-    """A checkpoint of this kind ("dpm": a dpm_at.py teacher, "cm": a cm_at.py run), else a one-line UserError."""
+    """A checkpoint of this kind ("dpm": a dpm_at.py teacher, "cm": a cm_at.py run), else a one-line UserError.
+    The keys this command needs and the weights' shapes are checked here, before anything is built or written."""
+    name = {"dpm": "dpm_at.py", "cm": "cm_at.py"}[kind]
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, unsafe pickle content, ...
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    except pickle.UnpicklingError:  # weights_only refuses objects that could run code on load
+        raise UserError(f"cannot read checkpoint {path}: it holds objects other than tensors and plain containers, "
+                        f"which we do not unpickle (they could run code); use a ckpt.pt of this repository") from None
+    except Exception as e:  # truncated file, not a torch file, ...
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); it is "
+                        f"damaged or not a checkpoint of this repository") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "adv-diffusion/1" or ckpt.get("kind") != kind:
         found = ckpt.get("kind") if isinstance(ckpt, dict) else None
-        raise UserError(f"{path} is not a {'dpm_at.py' if kind == 'dpm' else 'cm_at.py'} checkpoint"
-                        + (f" (it holds a {found!r} model)" if found else ""))
+        raise UserError(f"{path} is not a {name} checkpoint" + (f" (it holds a {found!r} model)" if found else "")
+                        + ("; the teacher must be a diffusion model trained by dpm_at.py" if kind == "dpm" else ""))
+    missing = [k for k in NEEDS[kind] if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: it is incomplete; use a ckpt.pt written by {name}")
+    if ckpt["net"].get("arch", "unet") != "unet":
+        raise UserError(f"{path} holds a 2-D point MLP; consistency distillation here needs an image UNet")
+    check_weights(ckpt, path, [k for k in ("model", "ema", "target") if k in ckpt])
     return ckpt
+
+
+# same as in dpm_at.py: keep in sync
+def check_weights(ckpt: dict, path: str, keys) -> None:
+    """The state dicts ckpt[key] fit the network config ckpt["net"] (names and shapes), checked on the meta device:
+    nothing is allocated, so a 57M-parameter file costs nothing to check."""
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in unet.build_from_config(ckpt["net"]).state_dict().items()}
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise UserError(f"{path}: its network config cannot be built ({e})") from None
+    for key in keys:
+        state = ckpt[key]
+        got = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) else {}
+        wrong = sorted(set(expected) ^ set(got)) + [k for k in expected if k in got and got[k] != expected[k]]
+        if wrong:
+            raise UserError(f"the {key!r} weights in {path} do not fit its network config (first mismatch: "
+                            f"{wrong[0]}); the file was edited or mixes two runs")
 
 
 def load_teacher(ckpt: dict, device: str):
     """The teacher's denoiser D_phi(x; sigma) from its EMA weights, frozen, in eval mode (CM Alg. 2)."""
     if ckpt.get("loss") not in ("edm", "ddpm"):
         raise UserError(f"the teacher's loss is {ckpt.get('loss')!r}; cm_at.py distils 'edm' or 'ddpm' models")
-    try:
-        net = unet.build_from_config(ckpt["net"])
-        net.load_state_dict(ckpt["ema"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
-        raise UserError(f"the teacher checkpoint is incomplete: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    net = unet.build_from_config(ckpt["net"])
+    net.load_state_dict(ckpt["ema"])  # shapes checked by load_checkpoint
     net = net.to(device).eval().requires_grad_(False)
     gpu_layout(device, net)
     if ckpt["loss"] == "edm":
         return sampler.edm_denoiser(net, ckpt.get("sigma_data", 0.5))
-    # EDM Sec. 2 / App. C.1: the VP eps-network as a denoiser; sigma picks the nearest of its 1000 steps
-    return sampler.vp_denoiser(net, sampler.alpha_bar_from_beta(sampler.make_beta(ckpt["schedule"])).to(device))
+    # EDM Sec. 2 / App. C.1: the VP eps-network as a denoiser; sigma picks the nearest of its T steps (files written
+    # before T was stored have T = 1000)
+    beta = sampler.make_beta(ckpt["schedule"], ckpt.get("diffusion_steps", 1000))
+    return sampler.vp_denoiser(net, sampler.alpha_bar_from_beta(beta).to(device))
 
 
 def student_from_teacher(ckpt: dict, dropout: float | None = None):
@@ -292,6 +385,7 @@ def student_from_teacher(ckpt: dict, dropout: float | None = None):
     teacher). The student outputs C channels; a learned-sigma teacher's [eps, v] output keeps its first C."""
     C = ckpt["net"]["in_channels"]
     net_config = dict(ckpt["net"], out_channels=C, **({} if dropout is None else dict(dropout=dropout)))
+    net_config.pop("time_scale", None)  # IDDPM's t * 1000 / T belongs to the teacher's VP labels, not to c_noise
     state = dict(ckpt["ema"])
     state["out_conv.weight"], state["out_conv.bias"] = state["out_conv.weight"][:C], state["out_conv.bias"][:C]
     return net_config, state
@@ -308,7 +402,16 @@ def save_grids(ema, sigmas, out: str, step: int, shape, num: int, seed: int, sig
         # the same evenly spread indices as `python sampler.py --sampler consistency --steps n`
         indices = [round(k * (len(sigmas) - 1) / n_steps) for k in range(n_steps + 1)]
         x = sampler.consistency_sample(f, z, sigmas, indices, g, SIGMA_MIN)
-        data.save_image_grid(x.cpu(), os.path.join(out, f"grid_{step:07d}_{n_steps}step.png"))
+        path, tmp = os.path.join(out, f"grid_{step:07d}_{n_steps}step.png"), os.path.join(out, "grid.tmp.png")
+        try:  # a fixed temp name, renamed; a failed write removes it and stops the run in one line
+            data.save_image_grid(x.cpu(), tmp)
+            os.replace(tmp, path)
+        except (OSError, data.DatasetError) as e:  # data.py words an OSError as "cannot write TMP (reason)"
+            reason = str(e).split(" (", 1)[-1].rstrip(")") if isinstance(e, data.DatasetError) else str(e)
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise UserError(f"cannot write {path} ({reason[:200]}); the earlier grids and "
+                            f"checkpoint are intact") from None
 
 
 # same as in dpm_at.py: keep in sync
@@ -342,18 +445,26 @@ def ddp_any(flag: bool, device) -> bool:
 
 
 def main(args: argparse.Namespace) -> None:
+    # Everything is checked before anything is built or written: a refused command leaves no run folder behind.
     source = load_checkpoint(args.resume, "cm") if args.resume else None
     if source:
         adopt_checkpoint(args, source, args.resume)
     args = resolve_args(args)
-    teacher_ckpt = load_checkpoint(args.teacher, "dpm")  # validated before anything is written
+    check_device(args.device)  # here, not in resolve_args: the resolved config can be inspected on any machine
+    teacher_ckpt = load_checkpoint(args.teacher, "dpm")
+    if source and any(source["net"].get(k) != teacher_ckpt["net"].get(k) for k in ("in_channels", "image_size")):
+        raise UserError(f"{args.resume} was distilled for other images than the teacher {args.teacher} makes")
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume is None and os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume {ckpt_path} to continue it, or choose another --out")
     if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(vars(args), indent=1))
+        print(json.dumps(vars(args), indent=1) if args.dry_run else
+              f"cm_at: {args.dataset}, teacher {args.teacher}, {args.steps} steps of batch {args.batch_size}, AT K="
+              f"{args.adv_steps}, on {args.device}; outputs in {args.out}/: args.json, metrics.jsonl, grid_*.png, "
+              f"ckpt.pt")
     if args.dry_run:
         return
+    torch.set_num_threads(args.threads)
     rank, world = setup_ddp(args)
     torch.manual_seed(args.seed + rank)  # dropout masks
     generator = torch.Generator(device=args.device).manual_seed(args.seed + rank)  # data, sigma indices, z
@@ -376,9 +487,8 @@ def main(args: argparse.Namespace) -> None:
               adv_budget=args.adv_budget, adv_norm=args.adv_norm, adv_space=args.adv_space, heun=args.solver == "heun",
               distance=args.distance, target_decay=args.target_decay, ema_decay=args.ema_decay, sigma_data=sigma_data)
     log = Logger(args, rank, step)
-    log.say(f"{unet.count_parameters(student) / 1e6:.2f}M parameters; teacher {args.teacher} ({teacher_ckpt['loss']}); "
-            f"data {tuple(images.shape)}; N = {args.num_scales}; AT K={args.adv_steps}; starting at step {step}; "
-            f"{world} process(es); outputs in {args.out}/")
+    log.say(f"{unet.count_parameters(student) / 1e6:.2f}M parameters; teacher loss {teacher_ckpt['loss']}; data "
+            f"{tuple(images.shape)}; N = {args.num_scales}; starting at step {step}; {world} process(es)")
     if step == 0 and rank == 0:  # the student before distillation: the teacher's F under the consistency scalings
         save_grids(ema, sigmas, args.out, 0, images.shape[1:], args.num_grid, args.seed, sigma_data)
     ctrl_c = []  # Ctrl-C: finish the batch, save, exit (under torchrun: all at the next log step); twice: stop at once
@@ -435,14 +545,40 @@ def load_state(resumed, args, ema, target, opt, generator, rank: int) -> int:
 # same as in dpm_at.py: keep in sync
 class Logger:
     """Rank 0's log: loss sums stay on the device between log steps (no host sync per step); at a log step their
-    mean over the steps and the processes goes to metrics.jsonl and one printed line. args.json is written first."""
+    mean over the steps and the processes goes to metrics.jsonl and one printed line. args.json (the settings being
+    trained) is written first, and args_history.jsonl gains one {time, step, argv, args} line per start."""
 
     def __init__(self, args, rank: int, step: int):
         self.args, self.rank, self.sums, self.step, self.time = args, rank, 0, step, time.time()
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "args.json"), "w") as f:
-                json.dump(vars(args), f, indent=1)
+            for name in os.listdir(args.out):  # temp files of a killed run (older versions named them .tmp<pid>)
+                if name.startswith(("ckpt.pt.tmp", "grid.tmp.png", "args.json.tmp")):
+                    os.remove(os.path.join(args.out, name))
+            settings = {k: v for k, v in vars(args).items() if k != "argv"}
+            record = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), step=step, argv=args.argv, args=settings)
+            path = os.path.join(args.out, "args.json")
+            self.append(os.path.join(args.out, "args_history.jsonl"), json.dumps(record))
+            try:
+                with open(path + ".tmp", "w") as f:
+                    json.dump(settings, f, indent=1)
+                os.replace(path + ".tmp", path)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.remove(path + ".tmp")
+                raise UserError(f"cannot write {path} ({e}); the earlier files in {args.out} are intact") from None
+
+    def append(self, path: str, line: str) -> None:
+        """Append one line; a failed write cuts the file back to its old length and stops the run in one line."""
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        try:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+            raise UserError(f"cannot write {path} ({e}); its earlier lines and {self.args.out}/ckpt.pt are "
+                            f"intact") from None
 
     def say(self, text: str) -> None:
         if self.rank == 0:
@@ -468,20 +604,26 @@ class Logger:
         (loss, adv_loss, delta_norm), dt = self.check(step), time.time() - self.time
         n = step - self.step
         if self.rank == 0:
-            with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(dict(step=step, loss=loss, adv_loss=adv_loss, delta_norm=delta_norm, lr=lr,
-                                        img_per_s=n * self.args.batch_size / dt, sec_per_step=dt / n)) + "\n")
+            self.append(os.path.join(self.args.out, "metrics.jsonl"), json.dumps(dict(
+                step=step, loss=loss, adv_loss=adv_loss, delta_norm=delta_norm, lr=lr,
+                img_per_s=n * self.args.batch_size / dt, sec_per_step=dt / n)))
             tqdm.write(f"step {step}: loss {loss:.4g}, adv {adv_loss:.4g}, |delta| {delta_norm:.3f}, "
                        f"{dt / n:.2f} s/step")
         self.sums, self.step, self.time = 0, step, time.time()
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """The command line: bad input ends in one `error:` line on stderr and exit code 1, never a traceback."""
     try:
-        main(parse_args())
+        main(parse_args(argv))
     except (UserError, data.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -121,15 +121,31 @@ def _extract(tar_path: str, data_dir: str) -> None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
+# The only globals an official batch file names: a numpy array pickles as _reconstruct(ndarray, ...) with a dtype
+# (numpy 1.x writes numpy.core.multiarray, numpy 2.x numpy._core.multiarray). Everything else in the file (the dict,
+# bytes keys, the list of int labels, the list of bytes filenames) needs no global at all.
+_CIFAR_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only _CIFAR_GLOBALS, so that a planted file cannot call os.system & co."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which no CIFAR-10 batch holds")
+        return super().find_class(module, name)
+
+
 def _read_batch(path: str) -> np.ndarray:
-    """One official batch file -> uint8 (n, 32, 32, 3) HWC."""
+    """One official batch file -> uint8 (n, 32, 32, 3) HWC. Read without running code: the batches are pickles, and
+    plain pickle.load would call whatever a planted file names, so _BatchUnpickler admits only numpy's arrays."""
     try:
         with open(path, "rb") as f:
-            # Security: unpickling can run arbitrary code. We accept it because the tarball we extract has
-            # passed the MD5 check against the official file; an extracted folder is trusted as the user's own.
-            batch = pickle.load(f, encoding="bytes")
+            batch = _BatchUnpickler(f, encoding="bytes").load()
     except Exception as e:  # a corrupt pickle fails in many ways (UnpicklingError, EOFError, ValueError, ...)
-        raise DatasetError(f"could not read {path} ({type(e).__name__}: {e}); delete its folder and retry") from None
+        raise DatasetError(f"refusing to read {path} ({type(e).__name__}: {str(e)[:200]}); it is not an official "
+                           f"CIFAR-10 batch: delete its folder and retry") from None
     if not isinstance(batch, dict):
         raise DatasetError(f"{path} holds a {type(batch).__name__}, expected a dict with data and labels")
     data = batch.get(b"data", batch.get("data"))
@@ -202,6 +218,61 @@ def load_folder(path: str, image_size: int = 32) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
+# Downsampled ImageNet 64x64 (Chrabaszcz, Loshchilov & Hutter 2017), the npz release IDDPM's ImageNet-64 models use:
+# train_data_batch_1.npz ... train_data_batch_10.npz (in Imagenet64_train_part1/2_npz.zip), key "data": uint8 rows of
+# 12,288 values, the R plane, then G, then B, each 64x64 row-major (the dataset's own loader stacks the three thirds).
+
+IMAGENET64_FILES = ("train_data_batch_", "Imagenet64_train")
+IMAGENET64_ROW = 3 * 64 * 64
+
+
+def _npz_data_header(path: str) -> tuple:
+    """(shape, dtype) of the "data" array of an .npz, from its .npy header, without reading the array."""
+    with np.load(path, allow_pickle=False) as npz:
+        if not isinstance(npz, np.lib.npyio.NpzFile) or "data" not in npz.files:
+            raise ValueError("no 'data' array in it")
+        with npz.zip.open("data.npy") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def load_imagenet64(path: str) -> np.ndarray:
+    """Every training batch under path (recursive; batch 1, 2, ..., 10 in order) as uint8 (N, 3, 64, 64).
+
+    The headers are read first, so that the 1.28M images (15.7 GB) are copied once into one array."""
+    if not os.path.isdir(path):
+        raise DatasetError(f"ImageNet 64x64 folder {path} does not exist")
+    files = [os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+             if name.startswith(IMAGENET64_FILES) and name.endswith(".npz")]
+    files.sort(key=lambda f: (os.path.dirname(f), len(os.path.basename(f)), os.path.basename(f)))  # 2 before 10
+    if not files:
+        raise DatasetError(f"no train_data_batch_*.npz (downsampled ImageNet 64x64, npz release) found under {path}")
+    counts = []
+    for file in files:
+        try:
+            shape, dtype = _npz_data_header(file)
+        except (OSError, ValueError, KeyError, EOFError) as e:  # not a zip, a truncated one, no data array, ...
+            raise DatasetError(f"cannot read {file} ({type(e).__name__}: {e})") from None
+        if dtype != np.uint8 or len(shape) != 2 or shape[1] != IMAGENET64_ROW:
+            raise DatasetError(f"{file}: data is {dtype} of shape {shape}, expected uint8 rows of {IMAGENET64_ROW} "
+                               f"values (64x64 RGB); is it the 64x64 release?")
+        counts.append(shape[0])
+    rows = np.empty((sum(counts), IMAGENET64_ROW), dtype=np.uint8)
+    start = 0
+    for file, n in zip(tqdm(files, desc="ImageNet 64x64", disable=len(files) < 2), counts):
+        try:
+            with np.load(file, allow_pickle=False) as npz:
+                rows[start:start + n] = npz["data"]
+        except (OSError, ValueError, EOFError) as e:
+            raise DatasetError(f"cannot read {file} ({type(e).__name__}: {e})") from None
+        start += n
+    # channel-planar rows are CHW already: (N, 12288) -> (N, 3, 64, 64) without a copy
+    return rows.reshape(-1, 3, 64, 64)
+
+
+# -----------------------------------------------------------------------------
 # "shapes": a procedural toy dataset that needs no download
 
 def _gradient_t(u: np.ndarray, v: np.ndarray, theta: np.ndarray) -> np.ndarray:
@@ -267,6 +338,18 @@ def make_shapes(n: int, seed: int = 0, image_size: int = 32) -> np.ndarray:
     return out
 
 
+def shapes_labels(n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The generator's own labels of make_shapes(n, seed, any image_size), read from the same uniforms (row i is
+    image i): "count" m in {1, 2, 3} (n,); "kind" (n, 3) per slot in drawing order, 0 disc, 1 square, 2 triangle,
+    -1 for an unused slot; "gradient" (n,) bool, False for a plain background. experiments/claim_images.py trains
+    its feature network on them."""
+    u = np.random.default_rng(seed).random((n, 33))  # the same draw as make_shapes: keep in sync
+    count = 1 + (3 * u[:, 8]).astype(int)
+    kind = (3 * u[:, 9:].reshape(n, 3, 8)[..., 0]).astype(int)
+    kind = np.where(np.arange(3)[None, :] < count[:, None], kind, -1)
+    return dict(count=count, kind=kind, gradient=u[:, 6] < 0.5)
+
+
 # -----------------------------------------------------------------------------
 # 2-D point sets with known densities, inside [-1, 1]^2 because the VP samplers clip x0_hat to [-1, 1]
 
@@ -307,10 +390,15 @@ def save_scatter(points: torch.Tensor, path: str, size: int = 256) -> None:
 
 def load_dataset(name: str, data_dir: str = "./data", seed: int = 0, num_shapes: int = 10000,
                  image_size: int = 32, num_points: int = 100_000) -> torch.Tensor:
-    """The dataset called "cifar10", "shapes" or "folder:PATH", as one uint8 (N, 3, S, S) tensor;
-    a point set ("ring", "checkerboard") as float32 (num_points, 2)."""
+    """The dataset called "cifar10", "shapes", "folder:PATH" (any image_size) or "imagenet64:DIR" (downsampled
+    ImageNet 64x64 npz batches), as one uint8 (N, 3, S, S) tensor; a point set ("ring", "checkerboard") as float32
+    (num_points, 2)."""
     if name in POINT_SETS:
         return torch.from_numpy(make_points(name, num_points, seed))
+    if name.startswith("imagenet64:") and name[len("imagenet64:"):]:
+        if image_size != 64:
+            raise DatasetError(f"imagenet64 images are 64x64, but image_size={image_size} was asked for")
+        return torch.from_numpy(load_imagenet64(name[len("imagenet64:"):]))  # (N, 3, 64, 64) already
     if name == "cifar10":
         if image_size != 32:
             raise DatasetError(f"cifar10 images are 32x32, but image_size={image_size} was asked for")
@@ -321,7 +409,8 @@ def load_dataset(name: str, data_dir: str = "./data", seed: int = 0, num_shapes:
         images = load_folder(name[len("folder:"):], image_size)
     else:
         raise DatasetError(f"unknown dataset {name!r}; choose cifar10, shapes or folder:PATH (images), "
-                           f"or {' / '.join(POINT_SETS)} (2-D points)")
+                           f"imagenet64:DIR (downsampled ImageNet 64x64 npz batches), or {' / '.join(POINT_SETS)} "
+                           f"(2-D points)")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
 
 

@@ -9,19 +9,22 @@ Borrowed: DDPM (Ho et al. 2020) Alg. 1 and L_simple; IDDPM (Nichol & Dhariwal 20
           code (cifar_adv_train.sh); docs/method.md §2-§4 has the equations in the order the code runs them.
 Uses: unet.py, data.py, sampler.py, attacks.py.     Used by: nothing (cm_at.py and sampler.py read its checkpoint).
 
-    python dpm_at.py                                        # offline demo on a CPU (generated `shapes`): grids in runs/
-    python dpm_at.py --tiny                                 # about a minute on a CPU: watch the loop run
+    python dpm_at.py                                        # offline demo on a CPU (generated `shapes`): a grid of
+                                                            # samples in runs/shapes_at/ at least every minute
+    python dpm_at.py --tiny --out runs/tiny                 # well under a minute on a CPU: watch the loop run
     python dpm_at.py --dataset cifar10                      # the paper's run: 250K clean steps, then 200K AT batches
 
 Symbols: x_0 -> x0, eps -> eps, alpha_bar_t -> alpha_bar, perturbation delta -> delta, K -> adv_steps,
          ascent step alpha -> adv_step_size, budget eta (RMS per coordinate, radius eta*sqrt(d)) -> adv_budget.
 """
 import argparse
+import contextlib
 import copy
 import functools
 import json
 import math
 import os
+import pickle
 import signal
 import sys
 import time
@@ -37,20 +40,24 @@ import sampler
 import unet
 
 # Per-dataset defaults; explicit flags win. cifar10 = the authors' cifar_adv_train.sh (docs/method.md §4.4): batch
-# 128, AdamW lr 1e-4, EMA 0.9999, clean training to 250K steps, then 200K AT batches. shapes and points are ours:
-# small enough for a 2-core CPU, with a larger lr and a short EMA so that the grids show progress within minutes.
+# 128, AdamW lr 1e-4, EMA 0.9999, clean training to 250K steps, then 200K AT batches. shapes and points are ours,
+# for a 2-core CPU: shapes trains clean first (an AT batch costs K = 3 passes) with a large lr and a short EMA, and
+# draws a small grid every 30 s of wall-clock time as well, so that the first grid comes within a minute (README,
+# Set-up, has the times we measured).
 DATASET_DEFAULTS = {
     "cifar10": dict(preset="cifar10", steps=450_000, at_start=250_000, batch_size=128, lr=1e-4, ema_decay=0.9999,
                     learn_sigma=True, t_sampler="loss-second-moment", log_every=100, grid_every=5000,
-                    save_every=5000, num_grid=64),
-    "shapes": dict(preset="tiny", steps=2000, at_start=0, batch_size=16, lr=1e-3, ema_decay=0.99, learn_sigma=False,
-                   t_sampler="uniform", log_every=20, grid_every=200, save_every=200, num_grid=64),
+                    save_every=5000, num_grid=64, grid_steps=25, grid_seconds=0.0),
+    "shapes": dict(preset="demo", steps=2000, at_start=1000, batch_size=16, lr=2e-3, ema_decay=0.98,
+                   learn_sigma=False, t_sampler="uniform", log_every=20, grid_every=200, save_every=200, num_grid=36,
+                   grid_steps=20, grid_seconds=30.0),
     # the 2-D point sets (data.POINT_SETS) train an MLP; their "grid" is a scatter image of num_grid samples
     "points": dict(preset="mlp2d", steps=3000, at_start=0, batch_size=512, lr=1e-3, ema_decay=0.995, learn_sigma=False,
-                   t_sampler="uniform", log_every=100, grid_every=1000, save_every=1000, num_grid=5000),
+                   t_sampler="uniform", log_every=100, grid_every=1000, save_every=1000, num_grid=5000, grid_steps=25,
+                   grid_seconds=60.0),
 }
 TINY = dict(preset="tiny", steps=20, at_start=0, batch_size=8, ema_decay=0.9, log_every=5, grid_every=10,
-            save_every=10, num_grid=16, num_shapes=512)
+            save_every=10, num_grid=16, num_shapes=512, grid_steps=10, grid_seconds=0.0)
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")  # torch.compile's
 
 
@@ -76,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
       "paper's CIFAR-10 run); edm: EDM's preconditioned denoiser (EDM Table 1); default ddpm")
     a("--schedule", default=None, choices=["cosine", "linear"], help="VP beta schedule (IDDPM Sec. 3.2 / DDPM "
                                                                      "Sec. 4); default cosine")
+    a("--diffusion-steps", type=int, default=None, help="T, the number of VP steps (DDPM Sec. 4); default 1000")
+    a("--image-size", type=int, default=None, help="S of the (3, S, S) images (shapes, folder:PATH); default 32")
     a("--learn-sigma", default=None, action=argparse.BooleanOptionalAction,
       help="ddpm: learned variance + hybrid loss (IDDPM Sec. 3.1); default on for cifar10, else off")
     a("--t-sampler", default=None, choices=["uniform", "loss-second-moment"],
@@ -83,8 +92,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--adv-steps", type=int, default=3, help="K inner passes per batch, each an optimizer step (authors' code); "
                                                "0 = standard training; default 3")
     a("--adv-step-size", type=float, default=0.1, help="ascent step alpha (authors' adv_lr); default 0.1")
-    a("--adv-budget", type=float, default=0.1, help="eta: l2 radius eta*sqrt(d), or the l-inf bound (authors' "
-                                                    "adv_max_norm); <= 0: no projection; default 0.1")
+    a("--adv-budget", type=float, default=0.1, help="eta >= 0: l2 radius eta*sqrt(d), or the l-inf bound (authors' "
+                                                    "adv_max_norm); 0 = no projection (theirs: <= 0); default 0.1")
     a("--adv-norm", default="l2", choices=["l2", "linf"], help="perturbation ball; default l2 (the released code)")
     a("--adv-step-scale", default="abs", choices=["abs", "sqrt_d"],
       help="l2 step length alpha (abs, released code) or alpha*sqrt(d); default abs (docs/method.md §4.3)")
@@ -97,6 +106,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--init-from", default=None, help="start from this checkpoint's weights (+EMA), fresh optimizer, step 0")
     a("--resume", default=None, help="continue a run from its checkpoint (weights, EMA, optimizer, step, RNG)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default cuda if available")
+    # 1 thread: with one other busy process on 2 cores, a shapes step took 0.30 s with 1 thread and 6.9 s with 2
+    a("--threads", type=int, default=1, help="torch CPU threads; default 1: on 2 cores shared with other jobs, 2 "
+                                             "threads ran 6-23x slower than 1 (README, Set-up)")
     a("--precision", default=None, choices=["bf16", "fp32"],
       help="bf16 autocast (default on CUDA; weights, optimizer, EMA and delta stay fp32) or fp32 (default on CPU)")
     a("--compile", action="store_true", help="torch.compile the network (a one-time compile of a minute or more)")
@@ -106,42 +118,102 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--num-shapes", type=int, default=None, help="size of the generated shapes set; default 10000 (--tiny: 512)")
     a("--log-every", type=int, default=None, help="steps between log lines / metrics.jsonl records")
     a("--grid-every", type=int, default=None, help="steps between PNG sample grids (EMA model, fixed seed)")
+    a("--grid-seconds", type=float, default=None, help="also a grid when this many seconds have passed since the "
+                                                       "last one; 0 = off; shapes: 30, cifar10: 0")
     a("--save-every", type=int, default=None, help="steps between checkpoints (ckpt.pt, written atomically)")
     a("--num-grid", type=int, default=None, help="images per grid")
-    a("--grid-steps", type=int, default=25, help="DDIM (ddpm) or Euler (edm) steps for the grids; default 25")
+    a("--grid-steps", type=int, default=None, help="DDPM ancestral (ddpm) or Euler (edm) steps for the grids; "
+                                                   "default 25 (shapes: 20)")
     a("--tiny", action="store_true", help="tiny UNet, tiny data, few steps: see the loop run on a laptop CPU")
     a("--dry-run", action="store_true", help="print the resolved config and exit")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     for action in p._actions:  # parse again without defaults: the flags given on the command line
         action.default = argparse.SUPPRESS
     args.explicit = sorted(vars(p.parse_args(argv)))
+    args.argv = argv
     return args
 
 
-NOT_RESUMED = ("resume", "init_from", "out", "device", "precision", "compile", "compile_mode", "dry_run", "explicit")
+NOT_RESUMED = ("resume", "init_from", "out", "device", "precision", "compile", "compile_mode", "dry_run", "explicit",
+               "argv", "threads")
 
 
 def adopt_checkpoint(args: argparse.Namespace, ckpt: dict, path: str, resume: bool) -> None:
-    """--init-from: the network, loss and schedule come from the checkpoint. --resume: every setting of the run
-    too, except the flags given now (--steps 5000 extends it). A flag that contradicts the network, loss, schedule
-    (or, on resume, the dataset) is refused in one line, so that args.json records what is actually trained."""
+    """--init-from: the network, loss, schedule and T come from the checkpoint. --resume: every setting of the run
+    too; a flag given now that changes the run (--steps 5000 extends it) is applied with a one-line note. A flag that
+    contradicts the network, loss, schedule, T (or, on resume, the data) is refused in one line, so that args.json
+    records what is actually trained."""
+    net = ckpt["net"]
     saved = dict(at_start=0)  # runs made before --at-start existed trained AT from their first batch
-    saved.update(ckpt["args"], loss=ckpt["loss"], schedule=ckpt["schedule"],
-                 learn_sigma=ckpt["net"]["out_channels"] == 2 * ckpt["net"]["in_channels"])
-    fixed = ("loss", "schedule", "preset", "learn_sigma") + (("dataset",) if resume else ())
+    saved.update(ckpt["args"], loss=ckpt["loss"], schedule=ckpt["schedule"], image_size=net.get("image_size"),
+                 diffusion_steps=ckpt.get("diffusion_steps", 1000),  # files written before T was a flag: 1000
+                 learn_sigma=net["out_channels"] == 2 * net["in_channels"])
+    fixed = ("loss", "schedule", "preset", "learn_sigma", "diffusion_steps", "image_size") + \
+        (("dataset",) if resume else ())
     for key in fixed:
         if key in args.explicit and getattr(args, key) != saved.get(key):
             raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} contradicts {path}, which was trained "
                             f"with {saved.get(key)}; drop the flag")
-    for key in [k for k in saved if k in vars(args) and k not in NOT_RESUMED] if resume else fixed:
+    keys = [k for k in saved if k in vars(args) and k not in NOT_RESUMED] if resume else fixed
+    changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (was {saved[k]})" for k in keys
+               if k in args.explicit and getattr(args, k) != saved[k]]
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: resuming {path} with its settings, except {', '.join(changed)}")
+    for key in keys:
         if key not in args.explicit:
             setattr(args, key, saved.get(key))
 
 
+def positive(v) -> bool:
+    return 0 < v < math.inf
+
+
+# Every numeric flag and its range; one line names the flag and the range when a value falls outside it.
+RANGES = dict(steps=(lambda v: v >= 1, ">= 1"), at_start=(lambda v: v >= 0, ">= 0"),
+              batch_size=(lambda v: v >= 1, ">= 1"), lr=(positive, "> 0 and finite"),
+              ema_decay=(lambda v: 0 <= v < 1, "in [0, 1)"), dropout=(lambda v: 0 <= v < 1, "in [0, 1)"),
+              diffusion_steps=(lambda v: v >= 2, ">= 2"), image_size=(lambda v: v >= 8, ">= 8"),
+              adv_steps=(lambda v: v >= 0, ">= 0 (0 = standard training)"),
+              adv_step_size=(lambda v: 0 <= v < math.inf, ">= 0 and finite (0 = replay: K passes on the clean x_t)"),
+              adv_budget=(lambda v: 0 <= v < math.inf, ">= 0 and finite (0 = no projection)"),
+              input_perturbation=(lambda v: 0 <= v < math.inf, ">= 0 and finite (0 = off)"),
+              seed=(lambda v: 0 <= v < 2**63, "in [0, 2**63)"), threads=(lambda v: v >= 1, ">= 1"),
+              num_shapes=(lambda v: v >= 1, ">= 1"), log_every=(lambda v: v >= 1, ">= 1"),
+              grid_every=(lambda v: v >= 1, ">= 1"), save_every=(lambda v: v >= 1, ">= 1"),
+              num_grid=(lambda v: v >= 1, ">= 1"), grid_seconds=(lambda v: 0 <= v < math.inf, ">= 0 (0 = off)"))
+
+
+def check_ranges(args: argparse.Namespace) -> None:
+    for key, (ok, text) in RANGES.items():
+        value = getattr(args, key)
+        if value is not None and not ok(value):
+            raise UserError(f"--{key.replace('_', '-')} must be {text}, got {value}")
+    if not 1 <= args.grid_steps <= args.diffusion_steps:
+        raise UserError(f"--grid-steps must lie in 1..T = {args.diffusion_steps}, got {args.grid_steps}")
+
+
+def check_device(device: str) -> None:
+    """Refuse a device this machine does not have, before anything is built."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device} is not a device name; use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: PyTorch sees no CUDA GPU here; use --device cpu, or install the CUDA "
+                        f"build of torch on a machine with a GPU (README, Set-up)")
+    if kind == "cuda" and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s)")
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: the trainers run on cpu or cuda")
+
+
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill unset flags from the dataset's defaults (then --tiny's); explicit flags always win."""
+    """Fill unset flags from the dataset's defaults (then --tiny's); explicit flags always win. Then check every
+    value, so that a bad one stops the command before anything is built or written."""
     family = "points" if args.dataset in data.POINT_SETS else "shapes" if args.dataset == "shapes" else "cifar10"
-    defaults = dict(DATASET_DEFAULTS[family], **(TINY if args.tiny else {}), loss="ddpm", schedule="cosine")
+    defaults = dict(DATASET_DEFAULTS[family], **(TINY if args.tiny else {}), loss="ddpm", schedule="cosine",
+                    diffusion_steps=1000, image_size=32)
     if family == "points":
         defaults["preset"] = "mlp2d"  # --tiny keeps the MLP
     if args.init_from:  # fine-tuning a clean model: AT from the first batch, for the AT part of the schedule
@@ -153,15 +225,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.out is None:
         args.out = os.path.dirname(args.resume) if args.resume else \
             os.path.join("runs", f"{args.dataset.split(':')[0]}_{'at' if args.adv_steps > 0 else 'std'}")
-    for key in ("steps", "batch_size", "log_every", "grid_every", "save_every", "num_grid", "grid_steps"):
-        if getattr(args, key) < 1:
-            raise UserError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
-    if args.adv_steps < 0 or args.at_start < 0:
-        raise UserError(f"--adv-steps and --at-start must be >= 0, got {args.adv_steps} and {args.at_start}")
-    if args.input_perturbation < 0 or (args.input_perturbation > 0 and args.loss != "ddpm"):
-        raise UserError("--input-perturbation must be >= 0 and belongs to --loss ddpm (DDPM-IP is an eps-loss recipe)")
+    check_ranges(args)
+    if args.input_perturbation > 0 and args.loss != "ddpm":
+        raise UserError("--input-perturbation belongs to --loss ddpm (DDPM-IP is an eps-loss recipe)")
     if (family == "points") != (unet.PRESETS[args.preset].get("arch") == "mlp"):
         raise UserError(f"--preset {args.preset} does not fit --dataset {args.dataset} (2-D points need mlp2d)")
+    if family == "cifar10" and args.dataset == "cifar10" and args.image_size != 32:
+        raise UserError(f"--image-size {args.image_size}: CIFAR-10 images are 32x32")
     if args.loss == "edm":  # learned variance and the loss-aware t-sampler belong to the VP/DDPM loss only
         explicit = getattr(args, "explicit", ())
         if ("learn_sigma" in explicit and args.learn_sigma) or \
@@ -172,6 +242,37 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     one_gpu = args.device.startswith("cuda") and "RANK" not in os.environ  # CUDA graphs: untested under torchrun
     args.compile_mode = args.compile_mode or ("reduce-overhead" if one_gpu else "default")
     return args
+
+
+def data_shape(dataset: str, image_size: int | None) -> tuple:
+    """The shape of one training sample, known before the data is loaded: (2,) for points, else (3, S, S)."""
+    if dataset in data.POINT_SETS:
+        return (2,)
+    return (3, 32, 32) if dataset == "cifar10" else (3, image_size or 32, image_size or 32)
+
+
+def summary(args) -> str:
+    """The one start-up line: what runs, and where its outputs go (every setting is in args.json)."""
+    at = f"AT K={args.adv_steps} from step {args.at_start}" if args.adv_steps else "no AT"
+    grids = f"every {args.grid_every} steps" + (f" and {args.grid_seconds:g} s" if args.grid_seconds else "")
+    return (f"dpm_at: {args.dataset}, {args.loss} ({args.preset}), {args.steps} steps of batch {args.batch_size}, "
+            f"{at}, on {args.device}; outputs in {args.out}/: args.json, metrics.jsonl, grid_*.png ({grids}), ckpt.pt")
+
+
+def check_paths(args) -> None:
+    """Every path of the command, before any work: the run folder can be made, the data folder exists."""
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {args.out} is a file; give a folder for the run")
+    parent = out
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
+        raise UserError(f"cannot create the run folder {args.out}: {parent} is not a writable folder")
+    if args.dataset.startswith("folder:") and not os.path.isdir(args.dataset[len("folder:"):]):
+        raise UserError(f"image folder {args.dataset[len('folder:'):]} does not exist")
+    if args.dataset == "cifar10" and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+        raise UserError(f"--data-dir {args.data_dir} is a file; give the folder of cifar-10-python.tar.gz")
 
 
 # ---- The losses at a perturbed input x_t + delta (docs/method.md §4.1-4.2) -------------------------------------
@@ -192,8 +293,10 @@ def ddpm_loss(net, x0, x_t, t, eps, delta, alpha_bar, target: str = "delta_detac
         return loss
     # the posterior is conditioned on x_t + delta (delta), sg(x_t + delta) (delta_detach) or x_t (original)
     x_cond = {"delta": x_t + delta, "delta_detach": (x_t + delta).detach(), "original": x_t}[target]
-    # IDDPM Sec. 3.1: L_vb sees the mean through a frozen eps (it trains only the variance); weight T/1000 = 1
-    return loss + vb_term(x0, x_cond, t, eps_hat.detach(), v, alpha_bar)
+    # IDDPM Sec. 3.1: L_vb sees the mean through a frozen eps (it trains only the variance), weighted by T/1000 as
+    # improved-diffusion's RESCALED_MSE loss does (gaussian_diffusion.py, training_losses): 1 at T = 1000
+    T = alpha_bar.shape[0]
+    return loss + T / 1000 * vb_term(x0, x_cond, t, eps_hat.detach(), v, alpha_bar)
 
 
 def vb_term(x0, x_t, t, eps_hat, v, alpha_bar) -> torch.Tensor:
@@ -361,42 +464,119 @@ def train_step(net, ema, opt, x0, noise_fn, loss_fn, *, adv_steps: int = 3, adv_
 def checkpoint_state(args, net_config: dict, net, ema, opt, step: int, generator, t_state) -> dict:
     """The checkpoint that cm_at.py and sampler.py read, plus the optimizer, step and RNG states --resume needs."""
     return dict(format="adv-diffusion/1", kind="dpm", loss=args.loss, net=net_config, schedule=args.schedule,
-                sigma_data=0.5, t_state=t_state, model=net.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                diffusion_steps=args.diffusion_steps, sigma_data=0.5, t_state=t_state, model=net.state_dict(),
+                ema=ema.state_dict(), opt=opt.state_dict(),
                 step=step, args=vars(args), rng_cpu=torch.get_rng_state(), rng_gen=generator.get_state(),
                 rng_cuda=cuda_rng(args.device))
 
 
 def save_checkpoint(path: str, state: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write atomically: torch.save to path.tmp (a fixed name, so a killed run leaves nothing that piles up), then
+    one rename. A failed write (disk full) removes the temp file and leaves the previous checkpoint intact."""
+    tmp = f"{path}.tmp"
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        kept = f"the previous {path} is intact" if os.path.exists(path) else "no checkpoint was written"
+        raise UserError(f"cannot write {path} ({str(e).splitlines()[0][:200]}); {kept}") from None
 
 
-def load_checkpoint(path: str) -> dict:
-    """A dpm_at.py checkpoint, else a one-line UserError."""
+def load_checkpoint(path: str, preset: str | None = None, diffusion_steps: int | None = None,
+                    schedule: str | None = None, image_size: int | None = None, resume: bool = False) -> dict:
+    """A dpm_at.py checkpoint, or (for --init-from) a published improved-/guided-diffusion state dict converted to
+    one by sampler.adm_checkpoint (preset names its layout; T and schedule default to the preset's); else a
+    one-line UserError."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, unsafe pickle content, ...
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    except pickle.UnpicklingError:  # weights_only refuses objects that could run code on load
+        raise UserError(f"cannot read checkpoint {path}: it holds objects other than tensors and plain containers, "
+                        f"which we do not unpickle (they could run code); use a ckpt.pt of this repository") from None
+    except Exception as e:  # truncated file, not a torch file, ...
+        raise UserError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); it is "
+                        f"damaged or not a checkpoint of this repository") from None
+    if unet.is_adm_state_dict(ckpt):  # a published ADM / IDDPM file: weights only, no optimizer or step
+        if resume:
+            raise UserError(f"{path} is a published state dict (weights only): start from it with --init-from")
+        if preset is None:
+            raise UserError(f"{path} is a raw improved-/guided-diffusion state dict: name its layout with --preset "
+                            f"(cifar10, iddpm-cifar10 or iddpm-imagenet64)")
+        try:
+            return sampler.adm_checkpoint(ckpt, preset, diffusion_steps, schedule, image_size)
+        except sampler.SamplerError as e:
+            raise UserError(f"{path}: {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "adv-diffusion/1" or ckpt.get("kind") != "dpm":
-        raise UserError(f"{path} is not a dpm_at.py checkpoint (missing format/kind keys)")
+        found = ckpt.get("kind") if isinstance(ckpt, dict) else None
+        raise UserError(f"{path} is not a dpm_at.py checkpoint" + (f" (it holds a {found!r} model)" if found else ""))
+    missing = [k for k in ("net", "model", "args", "loss", "schedule", "step") if k not in ckpt]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}: it is incomplete; use a ckpt.pt written by dpm_at.py")
+    check_weights(ckpt, path, [k for k in ("model", "ema") if k in ckpt])
     return ckpt
+
+
+# same as in cm_at.py: keep in sync
+def check_weights(ckpt: dict, path: str, keys) -> None:
+    """The state dicts ckpt[key] fit the network config ckpt["net"] (names and shapes), checked on the meta device:
+    nothing is allocated, so a 57M-parameter file costs nothing to check."""
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in unet.build_from_config(ckpt["net"]).state_dict().items()}
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise UserError(f"{path}: its network config cannot be built ({e})") from None
+    for key in keys:
+        state = ckpt[key]
+        got = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) else {}
+        wrong = sorted(set(expected) ^ set(got)) + [k for k in expected if k in got and got[k] != expected[k]]
+        if wrong:
+            raise UserError(f"the {key!r} weights in {path} do not fit its network config (first mismatch: "
+                            f"{wrong[0]}); the file was edited or mixes two runs")
+
+
+def check_fits_data(net: dict, shape: tuple, path: str, dataset: str) -> None:
+    """The checkpoint's network takes samples of this data's shape: (2,) points need the MLP, (3, S, S) images a
+    UNet built for S."""
+    if len(shape) == 1:
+        fits, holds = net.get("arch") == "mlp" and net.get("in_channels") == shape[0], "an image UNet"
+    else:
+        fits = net.get("arch", "unet") == "unet" and net.get("in_channels") == shape[0] and \
+            net.get("image_size") == shape[-1]
+        holds = "a 2-D point MLP" if net.get("arch") == "mlp" else \
+            f"a UNet for {net.get('in_channels')}x{net.get('image_size')}x{net.get('image_size')} images"
+    if not fits:
+        raise UserError(f"{path} holds {holds}, but --dataset {dataset} has samples of shape {shape}; use a "
+                        f"checkpoint trained on this data")
 
 
 @torch.no_grad()
 def save_grid(ema, alpha_bar, loss: str, path: str, shape, num: int, steps: int, seed: int) -> None:
-    """EMA samples from a fixed seed, so that the grids of one run are comparable: DDIM (ddpm) or Euler (edm)."""
+    """EMA samples from a fixed seed (and fixed noise), so that the grids of one run are comparable: DDPM ancestral
+    with the fixed_small variance (ddpm) or Euler (edm). Written to grid.tmp.png (a fixed name) and renamed; a failed
+    write removes it and stops the run in one line."""
     device = next(ema.parameters()).device
-    z = torch.randn((num, *shape), generator=torch.Generator(device=device).manual_seed(seed + 1), device=device)
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    z = torch.randn((num, *shape), generator=generator, device=device)
     if loss == "edm":  # EDM's deterministic sampler (EDM Alg. 1), Euler to keep grids cheap
         sigmas = sampler.karras_sigmas(steps).to(device)
         x = sampler.edm_sample(sampler.edm_denoiser(ema), sigmas[0] * z, sigmas, heun=False).clamp(-1, 1)
-    else:
-        x = sampler.ddim_sample(sampler.vp_denoiser(ema, alpha_bar), z, alpha_bar, sampler.respace(str(steps)))
-    (data.save_scatter if x.dim() == 2 else data.save_image_grid)(x.cpu(), path)
+    else:  # DDPM Alg. 2 with beta~ (IDDPM's fixed_small): on `shapes` after 200-400 steps DDIM's deterministic path
+        # (and fixed_large's last-step noise) left most images speckled, ancestral fixed_small drew clean shapes
+        x = sampler.ddpm_sample(sampler.vp_denoiser(ema, alpha_bar), z, alpha_bar,
+                                sampler.respace(str(steps), len(alpha_bar)), generator, variance="fixed_small")
+    tmp = os.path.join(os.path.dirname(path), "grid.tmp.png")
+    try:
+        (data.save_scatter if x.dim() == 2 else data.save_image_grid)(x.cpu(), tmp)
+        os.replace(tmp, path)
+    except (OSError, data.DatasetError) as e:  # data.py words an OSError as "cannot write TMP (reason)"
+        reason = str(e).split(" (", 1)[-1].rstrip(")") if isinstance(e, data.DatasetError) else str(e)
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise UserError(f"cannot write {path} ({reason[:200]}); the earlier grids and checkpoint "
+                        f"are intact") from None
 
 
 def fast_path(net, device: str, lr: float, compile_mode: str | None = None):
@@ -440,22 +620,32 @@ def ddp_any(flag: bool, device) -> bool:
 
 
 def main(args: argparse.Namespace) -> None:
+    # Everything is checked before anything is built or written: a refused command leaves no run folder behind.
     source_path = args.resume or args.init_from
-    source = load_checkpoint(source_path) if source_path else None  # validated before anything is written
+    source = load_checkpoint(source_path, args.preset, args.diffusion_steps, args.schedule, args.image_size,
+                             resume=bool(args.resume)) if source_path else None
+    if args.resume and [k for k in ("ema", "opt", "rng_cpu", "rng_gen") if k not in source]:
+        raise UserError(f"{args.resume} lacks the optimizer or RNG state --resume needs; start from its weights with "
+                        f"--init-from {args.resume} instead")
     if source:
         adopt_checkpoint(args, source, source_path, resume=bool(args.resume))
+        check_fits_data(source["net"], data_shape(args.dataset, args.image_size), source_path, args.dataset)
     args = resolve_args(args)
+    check_device(args.device)  # here, not in resolve_args: the resolved config can be inspected on any machine
+    check_paths(args)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
     if args.resume is None and os.path.exists(ckpt_path):
         raise UserError(f"{ckpt_path} exists: pass --resume {ckpt_path} to continue it, or choose another --out")
     if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(vars(args), indent=1))
+        print(json.dumps(vars(args), indent=1) if args.dry_run else summary(args))
     if args.dry_run:
         return
+    torch.set_num_threads(args.threads)
     rank, world = setup_ddp(args)
     torch.manual_seed(args.seed + rank)  # init weights (overwritten from rank 0 by DDP) and dropout masks
     generator = torch.Generator(device=args.device).manual_seed(args.seed + rank)  # data, t, eps: per process
-    images = data.load_dataset(args.dataset, args.data_dir, seed=args.seed, num_shapes=args.num_shapes)
+    images = data.load_dataset(args.dataset, args.data_dir, seed=args.seed, num_shapes=args.num_shapes,
+                               image_size=args.image_size)
     images = images.to(args.device)  # uint8; CIFAR-10 is 150 MB, so it can sit on the GPU
     net_config = source["net"] if source else unet.preset_config(args.preset, args.learn_sigma, None,
                                                                  images.shape[1], images.shape[-1])
@@ -465,14 +655,15 @@ def main(args: argparse.Namespace) -> None:
     if world > 1:  # copies rank 0's weights to all; averages weight gradients; delta.grad stays local (per sample)
         train_net = DistributedDataParallel(train_net, device_ids=[args.device] if "cuda" in args.device else None)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta(args.schedule)).to(args.device)
+    alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta(args.schedule, args.diffusion_steps)).to(args.device)
     t_state = make_t_state(len(alpha_bar), args.device) if args.t_sampler == "loss-second-moment" else None
     step = load_state(source, args, net, ema, opt, generator, t_state, rank)
     noise_fn, loss_fn = make_losses(args.loss, alpha_bar, generator, t_state=t_state, adv_target=args.adv_target,
                                     adv_space=args.adv_space, input_perturbation=args.input_perturbation)
     log = Logger(args, rank, step)
-    log.say(f"{unet.count_parameters(net) / 1e6:.2f}M parameters; data {tuple(images.shape)}; AT K={args.adv_steps} "
-            f"from step {args.at_start}; starting at step {step}; {world} process(es); outputs in {args.out}/")
+    log.say(f"{unet.count_parameters(net) / 1e6:.2f}M parameters; data {tuple(images.shape)}; starting at step "
+            f"{step}; {world} process(es)")
+    last_grid, grid_cost = time.time(), 0.0
     ctrl_c = []  # Ctrl-C: finish the batch, save, exit (under torchrun: all at the next log step); twice: stop at once
     signal.signal(signal.SIGINT, lambda *a: signal.default_int_handler(*a) if ctrl_c else ctrl_c.append(1))
     for step in tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, disable=rank > 0):
@@ -490,9 +681,14 @@ def main(args: argparse.Namespace) -> None:
             log.write(step, opt.param_groups[0]["lr"])  # one host sync; stops on a non-finite loss
         elif step % args.save_every == 0:
             log.check(step)  # never save non-finite weights
-        if rank == 0 and (step % args.grid_every == 0 or step == args.steps):
+        # a grid every grid_every steps, and one when grid_seconds have passed, unless grids would then take more
+        # than a fifth of the time (on a busy CPU a grid can take longer than the steps between them)
+        late = args.grid_seconds > 0 and time.time() - last_grid >= max(args.grid_seconds, 4 * grid_cost)
+        if rank == 0 and (step % args.grid_every == 0 or step == args.steps or late):
+            start = time.time()
             save_grid(ema, alpha_bar, args.loss, os.path.join(args.out, f"grid_{step:07d}.png"), images.shape[1:],
                       args.num_grid, args.grid_steps, args.seed)
+            last_grid, grid_cost = time.time(), time.time() - start
         if rank == 0 and (step % args.save_every == 0 or step == args.steps or stop):
             save_checkpoint(ckpt_path, checkpoint_state(args, net_config, net, ema, opt, step, generator, t_state))
         if stop:
@@ -529,14 +725,40 @@ def load_state(source, args, net, ema, opt, generator, t_state, rank: int) -> in
 
 class Logger:
     """Rank 0's log: loss sums stay on the device between log steps (no host sync per step); at a log step their
-    mean over the steps and the processes goes to metrics.jsonl and one printed line. args.json is written first."""
+    mean over the steps and the processes goes to metrics.jsonl and one printed line. args.json (the settings being
+    trained) is written first, and args_history.jsonl gains one {time, step, argv, args} line per start."""
 
     def __init__(self, args, rank: int, step: int):
         self.args, self.rank, self.sums, self.step, self.time = args, rank, 0, step, time.time()
         if rank == 0:
             os.makedirs(args.out, exist_ok=True)
-            with open(os.path.join(args.out, "args.json"), "w") as f:
-                json.dump(vars(args), f, indent=1)
+            for name in os.listdir(args.out):  # temp files of a killed run (older versions named them .tmp<pid>)
+                if name.startswith(("ckpt.pt.tmp", "grid.tmp.png", "args.json.tmp")):
+                    os.remove(os.path.join(args.out, name))
+            settings = {k: v for k, v in vars(args).items() if k != "argv"}
+            record = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), step=step, argv=args.argv, args=settings)
+            path = os.path.join(args.out, "args.json")
+            self.append(os.path.join(args.out, "args_history.jsonl"), json.dumps(record))
+            try:
+                with open(path + ".tmp", "w") as f:
+                    json.dump(settings, f, indent=1)
+                os.replace(path + ".tmp", path)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.remove(path + ".tmp")
+                raise UserError(f"cannot write {path} ({e}); the earlier files in {args.out} are intact") from None
+
+    def append(self, path: str, line: str) -> None:
+        """Append one line; a failed write cuts the file back to its old length and stops the run in one line."""
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        try:
+            with open(path, "a") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
+            raise UserError(f"cannot write {path} ({e}); its earlier lines and {self.args.out}/ckpt.pt are "
+                            f"intact") from None
 
     def say(self, text: str) -> None:
         if self.rank == 0:
@@ -562,20 +784,26 @@ class Logger:
         (loss, adv_loss, delta_norm), dt = self.check(step), time.time() - self.time
         n = step - self.step
         if self.rank == 0:
-            with open(os.path.join(self.args.out, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(dict(step=step, loss=loss, adv_loss=adv_loss, delta_norm=delta_norm, lr=lr,
-                                        img_per_s=n * self.args.batch_size / dt, sec_per_step=dt / n)) + "\n")
+            self.append(os.path.join(self.args.out, "metrics.jsonl"), json.dumps(dict(
+                step=step, loss=loss, adv_loss=adv_loss, delta_norm=delta_norm, lr=lr,
+                img_per_s=n * self.args.batch_size / dt, sec_per_step=dt / n)))
             tqdm.write(f"step {step}: loss {loss:.4g}, adv {adv_loss:.4g}, |delta| {delta_norm:.3f}, "
                        f"{dt / n:.2f} s/step")
         self.sums, self.step, self.time = 0, step, time.time()
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """The command line: bad input ends in one `error:` line on stderr and exit code 1, never a traceback."""
     try:
-        main(parse_args())
+        main(parse_args(argv))
     except (UserError, data.DatasetError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -9,6 +9,7 @@ Borrowed: DDPM (Ho et al. 2020) Eq. 4, 7, Alg. 2; IDDPM (Nichol & Dhariwal 2021)
 Uses: nothing from this repo (the command line imports unet.py).   Used by: dpm_at.py, cm_at.py.
 Run: python sampler.py            (a stand-in network; full checks in tests/test_sampler.py)
      python sampler.py --ckpt runs/c10_at/ckpt.pt --sampler ddpm --steps 10 --seeds 0-49999 --out runs/c10_at/s10.npz
+     python sampler.py --ckpt cifar10_uncond_50M_500K.pt --preset iddpm-cifar10 --sampler ddim --steps 10 --num 64
 
 Every network becomes a denoiser D(x_e; sigma) -> x0_hat with x_e = x_t / sqrt(alpha_bar_t) = x_0 + sigma * eps,
 sigma = sqrt((1 - alpha_bar_t) / alpha_bar_t) (docs/method.md §3); each sampler is written once against D and draws
@@ -21,7 +22,9 @@ Symbols: beta_t -> beta, alpha_bar_t -> alpha_bar, respaced indices {tau_k} -> t
 import argparse
 import math
 import os
+import pickle
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -317,8 +320,15 @@ def _demo() -> None:
           "seed 2 alone gives the same image:", torch.equal(out[2:3], sample([2])))
 
 
-# --- From a checkpoint to images: the command line. Only load_model imports another file of the repo (unet.py) ---
+# --- From a checkpoint to images: the command line. Only the checkpoint readers import another file (unet.py) ---
 SAMPLERS = ("ddpm", "es", "ddim", "euler", "heun", "consistency")
+# The diffusion each published layout was trained with, for a raw state dict given with --preset: (T, schedule,
+# rescale_timesteps). improved-diffusion's README gives T = 4000 and the cosine schedule for both IDDPM files, and
+# leaves rescale_timesteps at its default, True (script_util.py), so their networks saw t * 1000 / T. ADM on CIFAR-10
+# (the authors' cifar_adv_train.sh; DDPM-IP's README): T = 1000, cosine; guided-diffusion's rescale_timesteps=False
+# is the same map at T = 1000. "tiny-iddpm" (ours, for tests) copies the IDDPM files. Other presets: 1000, cosine.
+ADM_DIFFUSION = {"cifar10": (1000, "cosine", False), "iddpm-cifar10": (4000, "cosine", True),
+                 "iddpm-imagenet64": (4000, "cosine", True), "tiny-iddpm": (4000, "cosine", True)}
 
 
 class SamplerError(Exception):
@@ -342,9 +352,11 @@ def parse_int_list(text: str, flag: str) -> list[int]:
     return out
 
 
-def check_fits(ckpt: dict, name: str, variance: str | None = None, ts: list[int] | None = None) -> None:
+def check_fits(ckpt: dict, name: str, variance: str | None = None, ts: list[int] | None = None,
+               steps: int | None = None) -> None:
     """Refuse a sampler or option that does not fit the checkpoint. Consistency grid indices ts must run from 0
-    (x starts at t_0 = sigma_max) to N - 1 (the last step lands on sigma_min, so no noise is left in the output)."""
+    (x starts at t_0 = sigma_max) to N - 1 (the last step lands on sigma_min, so no noise is left in the output).
+    steps must fit the T-step chain: at most T respaced steps (ddpm/es), an integer DDIM stride (ddim)."""
     if (name == "consistency") != (ckpt["kind"] == "cm"):
         raise SamplerError(f"sampler {name!r} does not fit a {ckpt['kind']} checkpoint "
                            f"(consistency models use --sampler consistency, diffusion models any other)")
@@ -356,23 +368,130 @@ def check_fits(ckpt: dict, name: str, variance: str | None = None, ts: list[int]
     if ts is not None and (ts[0] != 0 or ts[-1] != last or any(a >= b for a, b in zip(ts, ts[1:]))):
         raise SamplerError(f"consistency grid indices {','.join(map(str, ts))} (--ts, or spread from --steps) "
                            f"must increase strictly from 0 to N - 1 = {last}")
+    T = ckpt.get("diffusion_steps", 1000)
+    if steps is not None and name in ("ddpm", "es") and steps > T:
+        raise SamplerError(f"--steps {steps}: a {T}-step model respaces to at most {T} steps (IDDPM Sec. 4)")
+    if steps is not None and name == "ddim" and not any(len(range(0, T, s)) == steps for s in range(1, T)):
+        raise SamplerError(f"--steps {steps}: no integer stride gives {steps} DDIM steps out of T = {T} "
+                           f"(IDDPM's 'ddimN' rule; at most {T})")
 
 
-def load_model(path: str, device: str = "cpu", weights: str = "ema"):
-    """Rebuild the network of a dpm_at.py / cm_at.py checkpoint: returns (ckpt dict, network in eval mode)."""
-    import unet
-
+def _torch_load(path: str):
+    """torch.load with weights_only=True (tensors and plain containers only), with one-line errors."""
     if not os.path.isfile(path):
         raise SamplerError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SamplerError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "adv-diffusion/1" or ckpt.get("kind") not in ("dpm", "cm"):
-        raise SamplerError(f"{path} is not a dpm_at.py or cm_at.py checkpoint")
-    net = unet.build_from_config(ckpt["net"])  # the ADM UNet, or the MLP of the 2-D toy data
-    net.load_state_dict(ckpt[weights] if weights in ckpt else ckpt["model"])
-    return ckpt, net.to(device).eval().requires_grad_(False)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):
+            raise SamplerError(f"{path} holds Python objects other than tensors, which we do not unpickle (they could "
+                               f"run code); save a plain state dict: torch.save(model.state_dict(), PATH)") from None
+        raise SamplerError(f"cannot read checkpoint {path} (truncated or damaged?): {str(e).splitlines()[0][:200]}")
+    except Exception as e:  # a truncated zip, a file of another kind: RuntimeError, EOFError, ValueError, ...
+        raise SamplerError(f"cannot read checkpoint {path} (truncated, or not a PyTorch file?): "
+                           f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") from None
+
+
+def _from_adm(state: dict, name: str, preset: str, diffusion_steps: int | None, schedule: str | None,
+              image_size: int | None = None) -> dict:
+    import unet
+
+    if preset not in unet.PRESETS or unet.PRESETS[preset].get("arch") == "mlp":
+        raise SamplerError(f"--preset {preset!r}: choose the UNet layout of {name} among "
+                           f"{', '.join(p for p in unet.PRESETS if unet.PRESETS[p].get('arch') != 'mlp')}")
+    default_T, default_schedule, rescale = ADM_DIFFUSION.get(preset, (1000, "cosine", False))
+    T, schedule = diffusion_steps or default_T, schedule or default_schedule
+    if T < 1 or schedule not in ("linear", "cosine"):
+        raise SamplerError(f"diffusion_steps {T} / schedule {schedule!r}: need T >= 1 and 'linear' or 'cosine'")
+    in_ch, out_ch = state["input_blocks.0.0.weight"].shape[1], state["out.2.weight"].shape[0]
+    if out_ch not in (in_ch, 2 * in_ch):
+        raise SamplerError(f"{name} maps {in_ch} input channels to {out_ch}: neither eps ({in_ch}) nor [eps, v] "
+                           f"({2 * in_ch}), so it is not a noise-prediction UNet")
+    # IDDPM's rescale_timesteps: the network saw t * 1000 / T (UNet's time_scale)
+    cfg = unet.preset_config(preset, out_ch == 2 * in_ch, None, in_ch, image_size, 1000 / T if rescale else 1.0)
+    net = unet.build_from_config(cfg)
+    try:
+        unet.load_adm_state_dict(net, state)
+    except ValueError as e:
+        raise SamplerError(f"{name} does not fit --preset {preset}: {e}") from None
+    weights = net.state_dict()
+    return dict(format="adv-diffusion/1", kind="dpm", loss="ddpm", net=cfg, schedule=schedule, diffusion_steps=T,
+                sigma_data=0.5, model=weights, ema=weights, step=0,
+                args=dict(preset=preset, learn_sigma=out_ch == 2 * in_ch, loss="ddpm", schedule=schedule,
+                          diffusion_steps=T))
+
+
+def adm_checkpoint(source, preset: str, diffusion_steps: int | None = None, schedule: str | None = None,
+                   image_size: int | None = None) -> dict:
+    """A published improved-/guided-diffusion state dict (a path, or the dict itself) as a checkpoint dict in our
+    format: kind "dpm", loss "ddpm", the preset's `net` config (learned sigma read from the file's output width,
+    time_scale 1000 / T where the layout rescaled timesteps), schedule, diffusion_steps, model = ema = the mapped
+    weights, step 0. T and the schedule default to ADM_DIFFUSION[preset], the image size to the preset's. Raises
+    SamplerError (one line) for a missing, truncated or non-tensor file, a file of another kind, or a layout that
+    does not fit the preset."""
+    import unet
+
+    name = source if isinstance(source, str) else "the state dict"
+    state = _torch_load(source) if isinstance(source, str) else source
+    if not unet.is_adm_state_dict(state):
+        raise SamplerError(f"{name} is not an improved-/guided-diffusion state dict (a flat dict of tensors with "
+                           f"{', '.join(unet.ADM_MARKERS)})")
+    return _from_adm(state, name, preset, diffusion_steps, schedule, image_size)
+
+
+def read_checkpoint(path: str, preset: str | None = None, diffusion_steps: int | None = None,
+                    schedule: str | None = None) -> dict:
+    """The checkpoint dict of a dpm_at.py / cm_at.py file, or of a raw ADM / IDDPM state dict (with preset), checked
+    for the keys sampling needs; nothing is built yet."""
+    import unet
+
+    obj = _torch_load(path)
+    if unet.is_adm_state_dict(obj):
+        if preset is None:
+            raise SamplerError(f"{path} is a raw improved-/guided-diffusion state dict: name its layout with --preset "
+                               f"(cifar10, iddpm-cifar10 or iddpm-imagenet64)")
+        return _from_adm(obj, path, preset, diffusion_steps, schedule)
+    if not isinstance(obj, dict) or obj.get("format") != "adv-diffusion/1" or obj.get("kind") not in ("dpm", "cm"):
+        raise SamplerError(f"{path} is neither a dpm_at.py / cm_at.py checkpoint nor an improved-/guided-diffusion "
+                           f"state dict")
+    if (preset, diffusion_steps, schedule) != (None, None, None):
+        raise SamplerError(f"--preset, --diffusion-steps and --schedule describe a raw state dict; {path} records its "
+                           f"own network and schedule")
+    need = ("net", "model") + (("loss", "schedule") if obj["kind"] == "dpm" else ("num_scales", "sigma_min",
+                                                                                  "sigma_max", "sigma_data"))
+    missing = [k for k in need if k not in obj]
+    if missing or not isinstance(obj["net"], dict) or not isinstance(obj["model"], dict):
+        raise SamplerError(f"{path} is a damaged {obj['kind']} checkpoint: "
+                           + (f"it has no {missing[0]!r}" if missing else "its net or model is not a dict"))
+    T = obj.get("diffusion_steps", 1000)
+    if not isinstance(T, int) or T < 1:
+        raise SamplerError(f"{path} records diffusion_steps {T!r}; expected an integer >= 1")
+    return obj
+
+
+def build_model(ckpt: dict, device: str = "cpu", weights: str = "ema", name: str = "the checkpoint"):
+    """The network of a checkpoint dict with its EMA (or raw) weights, in eval mode on device."""
+    import unet
+
+    try:
+        net = unet.build_from_config(ckpt["net"])  # the ADM UNet, or the MLP of the 2-D toy data
+    except (TypeError, ValueError) as e:
+        raise SamplerError(f"{name} describes a network we cannot build: {str(e).splitlines()[0][:200]}") from None
+    try:
+        net.load_state_dict(ckpt[weights] if weights in ckpt else ckpt["model"])
+    except RuntimeError as e:  # load_state_dict lists the missing / unexpected / mis-shaped keys after a header line
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise SamplerError(f"the weights in {name} do not fit the network it describes (another preset's?): "
+                           f"{(lines[1:] or lines)[0][:200]}") from None
+    return net.to(device).eval().requires_grad_(False)
+
+
+def load_model(path: str, device: str = "cpu", weights: str = "ema", preset: str | None = None,
+               diffusion_steps: int | None = None, schedule: str | None = None):
+    """Rebuild the network of a dpm_at.py / cm_at.py checkpoint or a raw ADM / IDDPM state dict (with preset):
+    returns (ckpt dict, network in eval mode)."""
+    ckpt = read_checkpoint(path, preset, diffusion_steps, schedule)
+    return ckpt, build_model(ckpt, device, weights, path)
 
 
 def fast_sampling(net: torch.nn.Module, device: str, precision: str = "fp32", compile_: bool = False):
@@ -399,7 +518,7 @@ def generate(ckpt: dict, net, name: str, steps: int, z: torch.Tensor, generator:
     """Samples in [-1, 1] from the noise z ~ N(0, I), (B, ...), with sampler `name` (one of SAMPLERS); generator gives
     every later noise (see randn). steps: respaced steps (ddpm/es/ddim), Karras grid points (euler/heun) or consistency
     steps (spread evenly over the grid unless ts gives the indices). The keywords are the command-line flags."""
-    check_fits(ckpt, name, variance, ts)
+    check_fits(ckpt, name, variance, ts, steps)
     learned = ckpt["net"]["out_channels"] == 2 * ckpt["net"]["in_channels"]
     if name == "consistency":
         n = ckpt["num_scales"]
@@ -408,7 +527,8 @@ def generate(ckpt: dict, net, name: str, steps: int, z: torch.Tensor, generator:
         f = consistency_fn(net, ckpt["sigma_min"], ckpt["sigma_data"])
         sigmas = karras_sigmas(n, ckpt["sigma_min"], ckpt["sigma_max"])[:-1]
         return consistency_sample(f, z, sigmas, ts, generator, ckpt["sigma_min"], clip_denoised)
-    alpha_bar = alpha_bar_from_beta(make_beta(ckpt["schedule"]))
+    T = ckpt.get("diffusion_steps", 1000)  # absent in checkpoints written before T could differ from 1000
+    alpha_bar = alpha_bar_from_beta(make_beta(ckpt["schedule"], T))
     if ckpt["loss"] == "edm":
         denoise = edm_denoiser(net, ckpt.get("sigma_data", 0.5))
     else:
@@ -417,11 +537,11 @@ def generate(ckpt: dict, net, name: str, steps: int, z: torch.Tensor, generator:
         sigmas = karras_sigmas(steps)
         return edm_sample(denoise, sigmas[0].item() * z, sigmas, name == "heun", generator, s_churn).clamp(-1, 1)
     if name == "ddim":
-        return ddim_sample(denoise, z, alpha_bar, respace(f"ddim{steps}"), generator, eta, clip_denoised)
+        return ddim_sample(denoise, z, alpha_bar, respace(f"ddim{steps}", T), generator, eta, clip_denoised)
     if name == "es":
         denoise = eps_scaled(denoise, es_lambda)
     variance = variance or ("learned" if learned else "fixed_large")
-    return ddpm_sample(denoise, z, alpha_bar, respace(str(steps)), generator, variance, clip_denoised)
+    return ddpm_sample(denoise, z, alpha_bar, respace(str(steps), T), generator, variance, clip_denoised)
 
 
 def nfe(name: str, steps: int) -> int:
@@ -432,7 +552,7 @@ def nfe(name: str, steps: int) -> int:
 def save_samples(x: torch.Tensor, path: str) -> str:
     """Write (N, C, H, W) uint8 images or (N, d) float points to path (.npz, key arr_0: NHWC uint8 as FID tools read
     them, or float32 points) and a PNG beside it (a grid of the first 64 images, or a density image of the points),
-    each through a temporary file and a rename, so a crash never leaves half a file. Returns the PNG's path."""
+    each through a temporary file and a rename (see _atomic_write). Returns the PNG's path."""
     if x.dim() == 2:
         arr = x.float().numpy()
         # same as data.save_scatter: keep in sync. 256 x 256 bins over [-1, 1]^2 (y up), darker = more points
@@ -451,18 +571,39 @@ def save_samples(x: torch.Tensor, path: str) -> str:
             picture[top:top + h, left:left + w] = arr[i]
         picture = picture[..., 0] if c == 1 else picture
     png = os.path.splitext(path)[0] + ".png"
-    np.savez(path + ".tmp.npz", arr_0=arr)
-    os.replace(path + ".tmp.npz", path)
-    Image.fromarray(picture).save(png + ".tmp.png")
-    os.replace(png + ".tmp.png", png)
+    _atomic_write(path, lambda f: np.savez(f, arr_0=arr))
+    _atomic_write(png, lambda f: Image.fromarray(picture).save(f, format="PNG"))
     return png
+
+
+def _atomic_write(path: str, write) -> None:
+    """write(f) into a temp file beside path, then rename it onto path. A failed write (a full disk: OSError)
+    removes the temp file and leaves any earlier file at path as it was (same as data._atomic_file: keep in sync)."""
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".part-", dir=os.path.dirname(os.path.abspath(path)))
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise SamplerError(f"cannot write {path} ({e.strerror or e}); any earlier file at {path} is intact") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Sample a dpm_at.py / cm_at.py checkpoint to an .npz of uint8 images.",
                                 allow_abbrev=False)
     a = p.add_argument
-    a("--ckpt", required=True, help="checkpoint written by dpm_at.py or cm_at.py")
+    a("--ckpt", required=True, help="checkpoint written by dpm_at.py or cm_at.py, or a published improved-/guided-"
+                                    "diffusion state dict (then give --preset)")
+    a("--preset", default=None, help="a raw state dict's layout: cifar10 (ADM), iddpm-cifar10 or iddpm-imagenet64 "
+                                     "(IDDPM), see unet.PRESETS")
+    a("--diffusion-steps", type=int, default=None, help="a raw state dict's T; default from the preset (IDDPM "
+                                                        "files: 4000, improved-diffusion README; ADM: 1000)")
+    a("--schedule", default=None, choices=["linear", "cosine"], help="a raw state dict's beta schedule; default from "
+                                                                     "the preset (cosine for all three)")
     a("--sampler", default="heun", help=f"one of {', '.join(SAMPLERS)}; default heun")
     a("--steps", type=int, default=None, help="respaced steps (ddpm/es/ddim), Karras grid points (euler/heun; Heun "
                                               "costs 2N-1 NFE) or consistency steps; default 18 (consistency: 1)")
@@ -489,6 +630,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """Every numeric flag in its range, and the device present, before anything is read, built or written."""
+    finite = math.isfinite
+    rules = [("--batch-size", args.batch_size, args.batch_size >= 1, ">= 1"),
+             ("--es-lambda", args.es_lambda, finite(args.es_lambda) and args.es_lambda > 0, "> 0 (1 = no scaling)"),
+             ("--eta", args.eta, finite(args.eta) and 0 <= args.eta <= 1, "in [0, 1] (DDIM Eq. 16)"),
+             ("--s-churn", args.s_churn, finite(args.s_churn) and args.s_churn >= 0, ">= 0 (EDM Alg. 2)"),
+             ("--diffusion-steps", args.diffusion_steps, args.diffusion_steps is None or args.diffusion_steps >= 1,
+              ">= 1")]
+    for flag, value, ok, rule in rules:
+        if not ok:
+            raise SamplerError(f"{flag} {value}: must be {rule}")
+    try:
+        device = torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise SamplerError(f"--device {args.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SamplerError(f"--device {args.device}: PyTorch sees no CUDA GPU on this machine; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SamplerError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if not os.path.isdir(out_dir := os.path.dirname(os.path.abspath(args.out))):
+        raise SamplerError(f"output folder {out_dir} does not exist")
+
+
 def main(args: argparse.Namespace) -> None:
     if args.seeds is not None and args.num is not None:
         raise SamplerError("give --seeds or --num, not both (--num n means --seeds 0-(n-1))")
@@ -504,16 +669,17 @@ def main(args: argparse.Namespace) -> None:
         1 if args.sampler == "consistency" else 18
     if args.sampler not in SAMPLERS:
         raise SamplerError(f"unknown sampler {args.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if steps < 1 or args.batch_size < 1:
-        raise SamplerError("--steps and --batch-size must be >= 1 (and --ts needs two indices at least)")
-    if not os.path.isdir(out_dir := os.path.dirname(os.path.abspath(args.out))):
-        raise SamplerError(f"output folder {out_dir} does not exist")
-    ckpt, net = load_model(args.ckpt, args.device, args.weights)
-    check_fits(ckpt, args.sampler, args.variance, ts)  # before the progress bar, so an error is one line
+    if steps < 1:
+        raise SamplerError("--steps must be >= 1 (and --ts needs two indices at least)")
+    check_flags(args)
+    # the checkpoint is checked against the command before the network is built and before the progress bar
+    ckpt = read_checkpoint(args.ckpt, args.preset, args.diffusion_steps, args.schedule)
+    check_fits(ckpt, args.sampler, args.variance, ts, steps)
     if args.sampler == "consistency" and ts is None and steps > ckpt["num_scales"] - 1:
         raise SamplerError(f"--steps {steps}: a consistency model on an N = {ckpt['num_scales']} grid takes at most "
                            f"{ckpt['num_scales'] - 1} steps")
-    net = fast_sampling(net, args.device, args.precision, args.compile)
+    net = fast_sampling(build_model(ckpt, args.device, args.weights, args.ckpt), args.device, args.precision,
+                        args.compile)
     cfg = ckpt["net"]
     vector = cfg.get("arch") == "mlp"  # 2-D points (B, d) rather than images (B, C, S, S)
     shape = (cfg["in_channels"],) if vector else (cfg["in_channels"], cfg["image_size"], cfg["image_size"])
@@ -531,11 +697,18 @@ def main(args: argparse.Namespace) -> None:
     print(f"wrote {args.out} ({tuple(samples.shape)}) and {png}")
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: 0 on success; bad input is one "error: ..." line on stderr and exit code 1."""
     try:
-        if len(sys.argv) == 1:
+        if argv is None and len(sys.argv) == 1:
             _demo()
         else:
-            main(parse_args())
+            main(parse_args(argv))
     except SamplerError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

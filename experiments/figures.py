@@ -2,7 +2,8 @@
 
 Paper: Wang et al. 2025, arXiv:2502.17099v1; nothing here is from the paper. The experiment scripts use it to
        draw their results (the project uses no matplotlib, so that requirements.txt stays torch/numpy/pillow/tqdm).
-Uses: nothing from this repo.     Used by: experiments/toy_experiment.py, experiments/robustness.py.
+Uses: nothing from this repo.     Used by: experiments/toy_experiment.py, experiments/robustness.py,
+      experiments/claim_images.py.
 Run: python experiments/figures.py --out demo.png   (a demo figure; the experiment tests check the real ones)
 
 A figure is a white PIL image; each panel is drawn into a box (left, top, right, bottom) in pixels.
@@ -49,6 +50,16 @@ def scatter_panel(image: Image.Image, box, points: np.ndarray, label: str = "", 
     draw.rectangle([left, top, left + size - 1, top + size - 1], outline=(160, 160, 160))
     if label:
         title(image, (left + size // 2, top - 2), label, 11, anchor="md")
+
+
+def image_panel(image: Image.Image, xy, images: np.ndarray, ncol: int, label: str = "") -> None:
+    """uint8 images (N, H, W, 3) as a grid of ncol columns with 1-pixel gaps, top-left at xy, a label on top."""
+    n, h, w, _ = images.shape
+    left, top = xy
+    for i in range(n):
+        image.paste(Image.fromarray(images[i]), (left + (i % ncol) * (w + 1), top + (i // ncol) * (h + 1)))
+    if label:
+        title(image, (left + ncol * (w + 1) // 2, top - 2), label, 11, anchor="md")
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:

@@ -59,19 +59,22 @@ def train_runs(cfg) -> dict:
     for name, flags in runs.items():
         out = os.path.join(cfg.run_dir, name.replace(" ", "_"))
         steps = int(flags[flags.index("--steps") + 1])
-        argv = ["--dataset", "shapes", "--out", out, "--seed", str(cfg.seed), "--device", "cpu", "--log-every",
+        # the settings of the recorded results: AT from the first batch, lr 1e-3 and EMA 0.99 (dpm_at.py's shapes
+        # defaults have since moved to a faster first run)
+        argv = ["--dataset", "shapes", "--out", out, "--seed", str(cfg.seed), "--device", "cpu", "--at-start", "0",
+                "--lr", "1e-3", "--ema-decay", "0.99", "--threads", str(cfg.threads), "--log-every",
                 str(max(steps // 10, 1)), "--save-every", str(steps), "--grid-every", str(steps), "--num-grid", "16",
                 *(["--tiny"] if cfg.quick else []), *flags]
         path = os.path.join(out, "ckpt.pt")
         if os.path.exists(path):
             done = torch.load(path, map_location="cpu", weights_only=True)
             expected = vars(dpm_at.resolve_args(dpm_at.parse_args(argv)))
-            if done["step"] == steps and all(done["args"][k] == expected[k] for k in ("adv_steps", "adv_step_scale",
-                                                                                     "seed", "batch_size", "lr")):
+            same = ("adv_steps", "adv_step_scale", "seed", "batch_size", "lr")
+            if done["step"] == steps and all(done["args"][k] == expected[k] for k in same):
                 print(f"{name}: reusing {path}")
                 paths[name] = path
                 continue
-            raise SystemExit(f"error: {path} exists but is not this run's finished checkpoint; delete it")
+            raise dpm_at.UserError(f"{path} exists but is not this run's finished checkpoint; delete it")
         print(f"{name}: python dpm_at.py {' '.join(argv)}", flush=True)
         dpm_at.main(dpm_at.parse_args(argv))
         paths[name] = path
@@ -172,15 +175,15 @@ def markdown(results: dict, cfg, info: dict) -> str:
         for key in keys:
             _, kind, gamma = key.split("/")
             label = "none" if kind == "none" else f"{kind} gamma={gamma}"
-            lines.append(f"| {t} | {label} | " + " | ".join(f"{1e3 * results[n]['denoiser'][key]:.2f}"
-                                                          for n in names) + " |")
+            cells = [f"{1e3 * results[n]['denoiser'][key]:.2f}" for n in names]
+            lines.append(f"| {t} | {label} | " + " | ".join(cells) + " |")
     lines += ["", f"Sampler stability: RMS per pixel (in [-1, 1] units, x 1e-2) between final samples with and "
               f"without a perturbation of every network input; {cfg.n_samples} samples, NFE {cfg.nfe}, same seeds. "
               f"Lower is more stable.", "", "| sampler | perturbation " + head, rule]
     for key in results[names[0]]["sampler"]:
         name, kind, gamma = key.split("/")
-        lines.append(f"| {name} | {kind} gamma={gamma} | " + " | ".join(f"{100 * results[n]['sampler'][key]:.2f}"
-                                                                       for n in names) + " |")
+        cells = [f"{100 * results[n]['sampler'][key]:.2f}" for n in names]
+        lines.append(f"| {name} | {kind} gamma={gamma} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -274,7 +277,32 @@ def parse_args(argv=None) -> argparse.Namespace:
     return cfg
 
 
+def check(cfg: argparse.Namespace) -> None:
+    """Every value and path of the command, before any training or evaluation: one line names a bad one."""
+    counts = dict(at_batches=cfg.at_batches, adv_steps=cfg.adv_steps, pgd_steps=cfg.pgd_steps, nfe=cfg.nfe,
+                  n_images=cfg.n_images, n_samples=cfg.n_samples, threads=cfg.threads)
+    for key, value in counts.items():
+        if value < 1:
+            raise dpm_at.UserError(f"--{key.replace('_', '-')} must be >= 1, got {value}")
+    for key, values in dict(gamma=cfg.gamma, sampler_gamma=cfg.sampler_gamma).items():
+        if not all(0 <= v < math.inf for v in values):
+            raise dpm_at.UserError(f"--{key.replace('_', '-')} budgets must be >= 0 and finite, got {values}")
+    if not 0 <= cfg.seed < 2**63:
+        raise dpm_at.UserError(f"--seed must lie in [0, 2**63), got {cfg.seed}")
+    T = 1000  # --train makes dpm_at.py's default T; a given checkpoint brings its own
+    for path in [] if cfg.train else [cfg.std, *cfg.at]:
+        ckpt = dpm_at.load_checkpoint(path)  # a dpm_at.py checkpoint whose weights fit its network
+        dpm_at.check_fits_data(ckpt["net"], (3, 32, 32), path, "shapes")
+        T = min(T, ckpt.get("diffusion_steps", 1000))
+    if not all(0 <= t < T for t in cfg.t):
+        raise dpm_at.UserError(f"--t must lie in 0..{T - 1} (the checkpoints' VP steps), got {cfg.t}")
+    for folder in (cfg.out, cfg.run_dir):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise dpm_at.UserError(f"{folder} is a file; give a folder")
+
+
 def main(cfg: argparse.Namespace, argv: list[str]) -> None:
+    check(cfg)
     torch.set_num_threads(cfg.threads)
     start = time.time()
     os.makedirs(cfg.out, exist_ok=True)
@@ -288,7 +316,7 @@ def main(cfg: argparse.Namespace, argv: list[str]) -> None:
     for name, path in paths.items():
         t0 = time.time()
         ckpt, net = sampler.load_model(path)
-        alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta(ckpt["schedule"]))
+        alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta(ckpt["schedule"], ckpt.get("diffusion_steps", 1000)))
         denoise = make_denoiser(ckpt, net, alpha_bar)
         results[name] = {"denoiser": denoiser_errors(denoise, x0, alpha_bar, cfg)}
         results[name]["sampler"], images[name] = sampler_changes(denoise, x0.shape[1:], alpha_bar, cfg)
@@ -306,5 +334,16 @@ def main(cfg: argparse.Namespace, argv: list[str]) -> None:
     print(f"wrote {stem}.md, {stem}.json and {stem}.png in {time.time() - start:.0f} s")
 
 
+def cli(argv=None) -> int:
+    """The command line: bad input ends in one `error:` line on stderr and exit code 1, never a traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        main(parse_args(argv), argv)
+    except (dpm_at.UserError, data.DatasetError, sampler.SamplerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main(parse_args(), sys.argv[1:])
+    sys.exit(cli())

@@ -266,7 +266,7 @@ def test_raw_space_radius():
     args = cd_args(adv_steps=2, adv_budget=0.01, adv_step_size=5.0, adv_space="raw")
     x0 = torch.rand(4, 3, 8, 8) * 2 - 1
     _, _, delta_norm = cm_at.train_step(student, target, ema, opt, sampler.edm_denoiser(teacher), x0,
-                                   sampler.karras_sigmas(18)[:-1], torch.Generator().manual_seed(3), **args)
+                                        sampler.karras_sigmas(18)[:-1], torch.Generator().manual_seed(3), **args)
     assert delta_norm.item() == pytest.approx(0.01 * math.sqrt(192), rel=1e-5)
 
 
@@ -423,3 +423,22 @@ def test_cli_bad_teacher_one_line(tmp_path, case, expect):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], r.stderr
+
+
+def test_teacher_T_comes_from_its_checkpoint(monkeypatch):
+    """A VP teacher with T steps is queried on its own T-step schedule: sigma of its last step maps to label T - 1
+    (EDM App. C.3 nearest step); files without diffusion_steps are read as T = 1000."""
+    labels = []
+
+    class Recorder(torch.nn.Module):
+        def forward(self, x, t):
+            labels.append(t.tolist())
+            return torch.zeros_like(x)
+
+    monkeypatch.setattr(cm_at.unet, "build_from_config", lambda cfg: Recorder())
+    for T, ckpt_T in ((100, {"diffusion_steps": 100}), (1000, {})):
+        ckpt = dict(loss="ddpm", schedule="cosine", net={}, ema={}, **ckpt_T)
+        teacher = cm_at.load_teacher(ckpt, "cpu")
+        alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta("cosine", T))
+        teacher(torch.zeros(1, 3, 2, 2), sampler.vp_sigma(alpha_bar[T - 1:]))
+        assert labels[-1] == [T - 1]

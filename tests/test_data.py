@@ -24,7 +24,11 @@ BATCH_SIZES = (3, 2, 4, 1, 2)  # images per data_batch_i; the real files hold 10
 
 
 def write_batches(folder: Path, width: int = 3072) -> list:
-    """Write data_batch_1..5 as the official pickles (protocol 2, bytes keys); return the data arrays."""
+    """Write data_batch_1..5 in the official layout (a dict with bytes keys, numpy uint8 data); return the data arrays.
+
+    The official files are Python 2 protocol-2 pickles, whose byte strings need no global. Python 3 writes bytes at
+    protocol 2 through _codecs.encode, which the safe reader refuses, so we write protocol 4: the same globals as
+    the official files (numpy's _reconstruct, ndarray, dtype) and nothing else."""
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     arrays = []
@@ -33,7 +37,7 @@ def write_batches(folder: Path, width: int = 3072) -> list:
         batch = {b"batch_label": f"training batch {i} of 5".encode(), b"data": array,
                  b"labels": [int(x) for x in rng.integers(0, 10, n)], b"filenames": [b"x.png"] * n}
         with open(folder / f"data_batch_{i}", "wb") as f:
-            pickle.dump(batch, f, protocol=2)
+            pickle.dump(batch, f, protocol=4)
         arrays.append(array)
     return arrays
 

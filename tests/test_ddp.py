@@ -42,8 +42,8 @@ def test_cli_two_processes_rank0_writes_and_one_process_resumes(tmp_path):
     r = launch("dpm_at.py", *common, "--steps", "2", "--out", str(two), nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("done:") == 1 and "2 process(es)" in r.stdout
-    assert sorted(p.name for p in two.iterdir()) == ["args.json", "ckpt.pt", "grid_0000001.png", "grid_0000002.png",
-                                                     "metrics.jsonl"]
+    assert sorted(p.name for p in two.iterdir()) == ["args.json", "args_history.jsonl", "ckpt.pt", "grid_0000001.png",
+                                                     "grid_0000002.png", "metrics.jsonl"]
     assert [rec["step"] for rec in records(two)] == [1, 2]
     assert all(math.isfinite(rec["loss"]) and rec["delta_norm"] > 0 for rec in records(two))
     ckpt = torch.load(two / "ckpt.pt", weights_only=True)

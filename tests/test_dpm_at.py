@@ -25,7 +25,9 @@ EPS = [[1, -0.5, 0.3, 0], [0.2, 0.7, -1.1, 0.4]]
 
 def cosine_alpha_bar(t: int, T: int = 1000) -> float:
     """IDDPM Eq. 17 in closed form: alpha_bar_t = f((t + 1)/T) / f(0), f(u) = cos^2((u + 0.008)/1.008 * pi/2)."""
-    f = lambda u: math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    def f(u):
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
     return f((t + 1) / T) / f(0)
 
 
@@ -163,7 +165,10 @@ def test_edm_loss_maps_vp_delta():
     sigma = torch.full((2,), math.sqrt((1 - ab) / ab), dtype=torch.float64)
     x0_hat = (math.sqrt(ab) * x0 + math.sqrt(1 - ab) * eps + delta - math.sqrt(1 - ab) * eps_hat) / math.sqrt(ab)
     c_skip, c_out, c_in, _ = (c[:, None] for c in sampler.edm_precond(sigma))
-    F = lambda inp, c_noise: (x0_hat - c_skip * inp / c_in) / c_out  # noqa: E731  (makes D(x_e + delta_e) = x0_hat)
+
+    def F(inp, c_noise):  # makes D(x_e + delta_e) = x0_hat
+        return (x0_hat - c_skip * inp / c_in) / c_out
+
     x_e = x0 + sigma[:, None] * eps
     lam = (sigma**2 + 0.25) / (sigma * 0.5) ** 2
     edm = dpm_at.edm_loss(F, x0, x_e, sigma, eps, delta, "delta", adv_space="vp")
@@ -312,8 +317,8 @@ def test_resolve_paper_schedule():
     """`--dataset cifar10` is the authors' whole schedule: 250K clean steps, then AT to 450K; --init-from starts AT
     at once for the 200K AT batches; explicit flags win."""
     args = dpm_at.resolve_args(dpm_at.parse_args(["--dataset", "cifar10"]))
-    assert (args.steps, args.at_start, args.batch_size, args.lr, args.ema_decay) == (450_000, 250_000, 128, 1e-4,
-                                                                                       0.9999)
+    settings = (args.steps, args.at_start, args.batch_size, args.lr, args.ema_decay)
+    assert settings == (450_000, 250_000, 128, 1e-4, 0.9999)
     assert args.learn_sigma and args.t_sampler == "loss-second-moment" and args.preset == "cifar10"
     args = dpm_at.resolve_args(dpm_at.parse_args(["--dataset", "cifar10", "--init-from", "x.pt"]))
     assert (args.steps, args.at_start) == (200_000, 0)
@@ -477,3 +482,43 @@ def test_ring_run_samples_as_points(tmp_path):
                          (["--loss", "edm", "--learn-sigma"], "belong to --loss ddpm")]:
         with pytest.raises(dpm_at.UserError, match=expect):
             dpm_at.resolve_args(dpm_at.parse_args(argv))
+
+
+class EpsV(torch.nn.Module):
+    """A learned-variance network [eps_hat, v] with fixed outputs, so that the two loss terms can be told apart."""
+
+    def forward(self, x, t):
+        return torch.cat([0.3 * x, torch.full_like(x, 0.2)], 1)
+
+
+@pytest.mark.parametrize("T", [1000, 250, 4000])
+def test_hybrid_loss_weights_vb_by_T_over_1000(T):
+    """Hybrid loss = L_simple + (T/1000) L_vb: improved-diffusion's RESCALED_MSE multiplies the vb term by
+    num_timesteps / 1000 (gaussian_diffusion.py, training_losses), so the weight is 1 only at T = 1000."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.rand(3, 2, 4, 4, generator=g) * 2 - 1, torch.randn(3, 2, 4, 4, generator=g)
+    alpha_bar = sampler.alpha_bar_from_beta(sampler.make_beta("cosine", T)).float()
+    t = torch.tensor([0, T // 2, T - 1])
+    x_t = sampler.q_sample(x0, t, eps, alpha_bar)
+    loss = dpm_at.ddpm_loss(EpsV(), x0, x_t, t, eps, torch.zeros_like(x_t), alpha_bar)
+    simple = (eps - 0.3 * x_t).pow(2).flatten(1).mean(1)  # DDPM Eq. 14 with eps_hat = 0.3 x_t
+    vb = dpm_at.vb_term(x0, x_t, t, 0.3 * x_t, torch.full_like(x_t, 0.2), alpha_bar)
+    assert torch.allclose(loss, simple + T / 1000 * vb, rtol=1e-5) and (vb > 0).all()
+
+
+def test_diffusion_steps_and_image_size_reach_the_checkpoint(tmp_path):
+    """--diffusion-steps T and --image-size S: the checkpoint records T (read back as 1000 when absent, as in files
+    written before the flag), the loss-aware t-sampler keeps T histories, the UNet is built for S."""
+    out = tmp_path / "r"
+    dpm_at.main(dpm_at.parse_args([*TINY_RUN, "--steps", "1", "--diffusion-steps", "100", "--image-size", "16",
+                                   "--t-sampler", "loss-second-moment", "--out", str(out)]))
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ckpt["diffusion_steps"] == 100 and ckpt["t_state"]["history"].shape == (100, 10)
+    assert ckpt["net"]["image_size"] == 16 and ckpt["args"]["image_size"] == 16
+    args = dpm_at.parse_args(["--init-from", str(out / "ckpt.pt")])
+    dpm_at.adopt_checkpoint(args, ckpt, "ckpt.pt", resume=False)
+    assert (args.diffusion_steps, args.image_size) == (100, 16)
+    del ckpt["diffusion_steps"]
+    args = dpm_at.parse_args(["--init-from", "old.pt"])
+    dpm_at.adopt_checkpoint(args, ckpt, "old.pt", resume=False)
+    assert args.diffusion_steps == 1000

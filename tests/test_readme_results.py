@@ -7,7 +7,8 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = ["experiments/results/toy/ring.md", "experiments/results/toy/ring_batches.md",
-           "experiments/results/toy/ring_sweep.md", "experiments/results/robustness/shapes.md"]
+           "experiments/results/toy/ring_sweep.md", "experiments/results/robustness/shapes.md",
+           "experiments/results/claims/cpu.md"]
 # README sweep column -> (sampler, column index in a sweep SW2 row [sampler, method, NFE 5, 10, 20, 50])
 SWEEP_COLUMNS = {"DDPM 10": ("ddpm", 3), "DDIM 10": ("ddim", 3), "DDIM 50": ("ddim", 5), "Heun 9": ("heun", 3),
                  "Heun 49": ("heun", 5)}
@@ -53,3 +54,21 @@ def test_readme_tables_match_results_files():
             assert row in rows, row
             checked += 1
     assert checked > 100
+
+
+def test_readme_images_part_copies_the_claims_file():
+    """The "images at CIFAR's dimension" part shows rows of experiments/results/claims/cpu.md (at least the DDIM row
+    of every arm and the paired differences of the pre-registered rule) and the file's mechanical verdict lines."""
+    readme = read("README.md")
+    start = readme.index("### Claim (1) in the paper's regime")
+    part = readme[start:readme.index("\n### ", start + 1)]
+    results = read("experiments/results/claims/cpu.md")
+    rows = {tuple(r) for t in tables(results) for r in t[1:]}
+    shown = [tuple(r) for t in tables(part) for r in t[1:]]
+    assert shown and all(r in rows for r in shown)
+    names = {r[:2] for r in shown}
+    for arm in ("standard N", "standard 3N", "replay", "AT", "AT sqrt_d", "IP"):
+        assert ("ddim", arm) in names, arm
+    assert ("AT - standard 3N", "ddim") in names and ("AT - replay", "ddim") in names
+    verdicts = [line for line in results.splitlines() if line.startswith("- AT")]
+    assert len(verdicts) == 2 and all(line in part.splitlines() for line in verdicts)
