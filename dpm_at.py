@@ -213,7 +213,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     value, so that a bad one stops the command before anything is built or written."""
     family = "points" if args.dataset in data.POINT_SETS else "shapes" if args.dataset == "shapes" else "cifar10"
     defaults = dict(DATASET_DEFAULTS[family], **(TINY if args.tiny else {}), loss="ddpm", schedule="cosine",
-                    diffusion_steps=1000, image_size=32)
+                    diffusion_steps=1000, image_size=64 if args.dataset.startswith("imagenet64:") else 32)
     if family == "points":
         defaults["preset"] = "mlp2d"  # --tiny keeps the MLP
     if args.init_from:  # fine-tuning a clean model: AT from the first batch, for the AT part of the schedule
@@ -248,7 +248,8 @@ def data_shape(dataset: str, image_size: int | None) -> tuple:
     """The shape of one training sample, known before the data is loaded: (2,) for points, else (3, S, S)."""
     if dataset in data.POINT_SETS:
         return (2,)
-    return (3, 32, 32) if dataset == "cifar10" else (3, image_size or 32, image_size or 32)
+    size = image_size or (64 if dataset.startswith("imagenet64:") else 32)
+    return (3, 32, 32) if dataset == "cifar10" else (3, size, size)
 
 
 def summary(args) -> str:
@@ -269,8 +270,9 @@ def check_paths(args) -> None:
         parent = os.path.dirname(parent)
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
         raise UserError(f"cannot create the run folder {args.out}: {parent} is not a writable folder")
-    if args.dataset.startswith("folder:") and not os.path.isdir(args.dataset[len("folder:"):]):
-        raise UserError(f"image folder {args.dataset[len('folder:'):]} does not exist")
+    kind, _, folder = args.dataset.partition(":")
+    if kind in ("folder", "imagenet64") and not os.path.isdir(folder):
+        raise UserError(f"{kind} folder {folder!r} (--dataset {args.dataset}) does not exist")
     if args.dataset == "cifar10" and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
         raise UserError(f"--data-dir {args.data_dir} is a file; give the folder of cifar-10-python.tar.gz")
 

@@ -527,3 +527,12 @@ def test_raw_file_faults_are_one_line(tmp_path, capsys, flags, match):
     err = capsys.readouterr().err
     assert code == 1 and err.count("\n") == 1 and err.startswith("error:") and match in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_imagenet64_dataset_defaults_to_64_and_checks_its_folder(tmp_path, capsys):
+    """--dataset imagenet64:DIR trains at 64x64 without --image-size; a missing DIR is one line, nothing written."""
+    args = dpm_at.resolve_args(dpm_at.parse_args(["--dataset", f"imagenet64:{tmp_path}"]))
+    assert args.image_size == 64
+    code = dpm_at.cli(["--dataset", f"imagenet64:{tmp_path / 'nope'}", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "does not exist" in err and not (tmp_path / "r").exists()
