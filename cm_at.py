@@ -10,8 +10,8 @@ Borrowed: consistency distillation, boundary scalings and the N-point Karras gri
           (Shafahi et al. 2019, Alg. 1) with the loop of the authors' DPM code, as in dpm_at.py.
 Uses: unet.py, data.py, sampler.py, attacks.py, a dpm_at.py teacher.   Used by: nothing (sampler.py reads its output).
 
-    python dpm_at.py --loss edm --adv-steps 0 --out runs/shapes_edm                 # a teacher first
-    python cm_at.py --teacher runs/shapes_edm/ckpt.pt --tiny                        # about a minute on a CPU
+    python dpm_at.py --loss edm --adv-steps 0 --out runs/sil_edm                    # a teacher first (silhouettes)
+    python cm_at.py --teacher runs/sil_edm/ckpt.pt --tiny                           # about a minute on a CPU
     python cm_at.py --teacher runs/c10_edm/ckpt.pt --dataset cifar10 --out runs/c10_cd_at   # CIFAR-10 (CM Table 3)
 
 Symbols: x_0 -> x0, z -> z, grid t_0 > ... > t_{N-1} -> sigmas, t_i -> sigma_hi, t_{i+1} -> sigma_lo, student
@@ -45,7 +45,7 @@ import unet
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # the Karras grid's ends (CM App. C takes EDM's)
 
 # Per-dataset defaults; explicit flags win. cifar10 = the CM paper's CIFAR-10 CD run (CM App. C): batch 512, RAdam
-# lr 4e-4, eval-EMA 0.9999, 800K iterations. shapes is ours: a few minutes on a CPU, with a short eval-EMA.
+# lr 4e-4, eval-EMA 0.9999, 800K iterations. silhouettes and shapes (ours): a few minutes on a CPU, short eval-EMA.
 DATASET_DEFAULTS = {
     "cifar10": dict(steps=800_000, batch_size=512, lr=4e-4, ema_decay=0.9999, num_shapes=10000,
                     log_every=100, grid_every=5000, save_every=5000, num_grid=64),
@@ -65,7 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = p.add_argument
     a("--teacher", default=None, help="diffusion checkpoint from dpm_at.py (its EMA weights teach and initialise "
                                       "the student); on --resume the saved path is the default")
-    a("--dataset", default="shapes", help="cifar10 | shapes (offline, generated) | folder:PATH; default shapes")
+    a("--dataset", default="silhouettes", help="cifar10 | silhouettes, shapes (offline, generated) | folder:PATH; "
+                                               "default silhouettes (dpm_at.py's default)")
     a("--data-dir", default="./data", help="where cifar-10-python.tar.gz lives or is downloaded; default ./data")
     a("--out", default=None, help="run directory; default runs/<dataset>_cd_<at|std>")
     a("--steps", type=int, default=None, help="data batches in all (the step counter); cifar10: 800000")
@@ -93,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default cuda if available")
     a("--threads", type=int, default=1, help="torch CPU threads; default 1 (as dpm_at.py: README, Set-up)")
     a("--seed", type=int, default=0, help="seeds data, sigma indices, z, dropout and the grids; default 0")
-    a("--num-shapes", type=int, default=None, help="size of the generated shapes set; default 10000 (--tiny: 512)")
+    a("--num-shapes", type=int, default=None,
+      help="size of the generated silhouettes / shapes set; default 10000 (--tiny: 512)")
     a("--log-every", type=int, default=None, help="steps between log lines / metrics.jsonl records")
     a("--grid-every", type=int, default=None, help="steps between PNG grids (1- and 2-step samples, EMA student)")
     a("--save-every", type=int, default=None, help="steps between checkpoints (ckpt.pt, written atomically)")
@@ -165,7 +167,8 @@ def check_device(device: str) -> None:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset flags from the dataset's defaults (then --tiny's); explicit flags always win."""
-    family = "shapes" if args.dataset == "shapes" else "cifar10"  # folder:PATH trains with the cifar10 recipe
+    # silhouettes and shapes share the CPU recipe; folder:PATH trains with the cifar10 recipe
+    family = "shapes" if args.dataset in ("silhouettes", "shapes") else "cifar10"
     for key, value in dict(DATASET_DEFAULTS[family], **(TINY if args.tiny else {})).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -404,7 +407,7 @@ def save_grids(ema, sigmas, out: str, step: int, shape, num: int, seed: int, sig
         x = sampler.consistency_sample(f, z, sigmas, indices, g, SIGMA_MIN)
         path, tmp = os.path.join(out, f"grid_{step:07d}_{n_steps}step.png"), os.path.join(out, "grid.tmp.png")
         try:  # a fixed temp name, renamed; a failed write removes it and stops the run in one line
-            data.save_image_grid(x.cpu(), tmp)
+            data.save_image_grid(x.cpu(), tmp, scale=data.grid_scale(x.shape[-1]))
             os.replace(tmp, path)
         except (OSError, data.DatasetError) as e:  # data.py words an OSError as "cannot write TMP (reason)"
             reason = str(e).split(" (", 1)[-1].rstrip(")") if isinstance(e, data.DatasetError) else str(e)

@@ -2,7 +2,8 @@
 
 Paper: Wang et al. 2025, arXiv:2502.17099v1; the experiments train unconditional models on CIFAR-10 32x32.
 Borrowed: random horizontal flips and the BOX-then-BICUBIC resize of image folders follow ADM's
-          image_datasets.py (Dhariwal & Nichol 2021). The "shapes" set is ours: a tiny offline stand-in.
+          image_datasets.py (Dhariwal & Nichol 2021). The "shapes" and "silhouettes" sets are ours: tiny offline
+          stand-ins.
 Uses: nothing from this repo.     Used by: dpm_at.py, cm_at.py, eval_fid.py (--ref cifar10), experiments/.
 Run: python data.py --dataset shapes --out grid.png   (full checks in tests/test_data.py)
 
@@ -273,7 +274,7 @@ def load_imagenet64(path: str) -> np.ndarray:
 
 
 # -----------------------------------------------------------------------------
-# "shapes": a procedural toy dataset that needs no download
+# "shapes" and "silhouettes": procedural toy datasets that need no download
 
 def _gradient_t(u: np.ndarray, v: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """Position in [0, 1] along direction theta, for u, v in [-0.5, 0.5] (0 and 1 at the extreme corners)."""
@@ -281,8 +282,8 @@ def _gradient_t(u: np.ndarray, v: np.ndarray, theta: np.ndarray) -> np.ndarray:
     return 0.5 + (u * cos + v * sin) / (np.abs(cos) + np.abs(sin))
 
 
-def make_shapes(n: int, seed: int = 0, image_size: int = 32) -> np.ndarray:
-    """n procedural images, uint8 (n, S, S, 3), deterministic given seed and image_size.
+def make_shapes(n: int, seed: int = 0, image_size: int = 32, silhouettes: bool = False) -> np.ndarray:
+    """n procedural images, uint8 (n, S, S, 3), deterministic given seed, image_size and silhouettes.
 
     Parameters come from numpy.random.default_rng(seed), one row of 33 uniforms per image (so the
     first i images do not depend on n). With S = image_size and k = S / 32, each image is:
@@ -295,22 +296,28 @@ def make_shapes(n: int, seed: int = 0, image_size: int = 32) -> np.ndarray:
          axis-aligned square has half-side r, and an equilateral triangle has circumradius 1.25 r and a
          rotation ~ U[0, 2 pi).
       3. Edges are anti-aliased with coverage clip(0.5 - d, 0, 1), d the signed distance to the edge in px.
+    silhouettes=True (the "silhouettes" set, white shapes on black in the manner of dSprites, Matthey et al. 2017)
+    reads the same uniforms but draws one shape (m = 1), white (255) on a black (0) background, with size
+    r ~ U[8 k, 14 k] px. At 16x16 the demo UNet draws crisp shapes of this set within five minutes on one CPU core;
+    on `shapes` it still draws soft blobs then (README, Set-up).
     """
     S, k = image_size, image_size / 32
     u = np.random.default_rng(seed).random((n, 33))
     c0, c1 = 255 * u[:, 0:3], 255 * u[:, 3:6]
     gradient = u[:, 6] < 0.5
     theta = 2 * math.pi * u[:, 7]
-    m = 1 + (3 * u[:, 8]).astype(int)
+    m = np.ones(n, dtype=int) if silhouettes else 1 + (3 * u[:, 8]).astype(int)
     shape_u = u[:, 9:].reshape(n, 3, 8)  # per shape slot: kind, cx, cy, r, offset (3), rotation
     kind = (3 * shape_u[..., 0]).astype(int)  # 0 disc, 1 square, 2 triangle
     cx, cy = S * (0.2 + 0.6 * shape_u[..., 1]), S * (0.2 + 0.6 * shape_u[..., 2])
-    r = k * (4 + 7 * shape_u[..., 3])
+    r = k * ((8 + 6 * shape_u[..., 3]) if silhouettes else (4 + 7 * shape_u[..., 3]))
     offset = 64 + 128 * shape_u[..., 4:7]
     rotation = 2 * math.pi * shape_u[..., 7]
     c1 = np.where(gradient[:, None], c1, c0)
     t_centre = _gradient_t(cx / S - 0.5, cy / S - 0.5, theta[:, None])  # (n, 3)
     colour = (c0[:, None] + t_centre[..., None] * (c1 - c0)[:, None] + offset) % 256  # (n, 3 shapes, 3 RGB)
+    if silhouettes:  # black background, white shape
+        c0, c1, colour = np.zeros_like(c0), np.zeros_like(c1), np.full_like(colour, 255.0)
 
     # Render in float32, 1000 images at a time, to bound memory (a chunk is ~12 MB)
     c0, c1, colour, theta, cx, cy, r, rotation = (
@@ -388,11 +395,22 @@ def save_scatter(points: torch.Tensor, path: str, size: int = 256) -> None:
 # -----------------------------------------------------------------------------
 # The interface the training scripts use
 
+def default_image_size(name: str) -> int:
+    """S of a dataset's (3, S, S) images when none is asked for: 64 (imagenet64:DIR), 16 (silhouettes), else 32."""
+    return 64 if name.startswith("imagenet64:") else 16 if name == "silhouettes" else 32
+
+
+def grid_scale(image_size: int) -> int:
+    """How much save_image_grid enlarges images smaller than 32 px (2 for 16x16), so that a grid stays visible."""
+    return max(1, 32 // image_size)
+
+
 def load_dataset(name: str, data_dir: str = "./data", seed: int = 0, num_shapes: int = 10000,
-                 image_size: int = 32, num_points: int = 100_000) -> torch.Tensor:
-    """The dataset called "cifar10", "shapes", "folder:PATH" (any image_size) or "imagenet64:DIR" (downsampled
-    ImageNet 64x64 npz batches), as one uint8 (N, 3, S, S) tensor; a point set ("ring", "checkerboard") as float32
-    (num_points, 2)."""
+                 image_size: int | None = None, num_points: int = 100_000) -> torch.Tensor:
+    """The dataset called "cifar10", "shapes", "silhouettes", "folder:PATH" (any image_size) or "imagenet64:DIR"
+    (downsampled ImageNet 64x64 npz batches), as one uint8 (N, 3, S, S) tensor, S = image_size or
+    default_image_size(name); a point set ("ring", "checkerboard") as float32 (num_points, 2)."""
+    image_size = image_size or default_image_size(name)
     if name in POINT_SETS:
         return torch.from_numpy(make_points(name, num_points, seed))
     if name.startswith("imagenet64:") and name[len("imagenet64:"):]:
@@ -403,12 +421,12 @@ def load_dataset(name: str, data_dir: str = "./data", seed: int = 0, num_shapes:
         if image_size != 32:
             raise DatasetError(f"cifar10 images are 32x32, but image_size={image_size} was asked for")
         images = load_cifar10(data_dir)
-    elif name == "shapes":
-        images = make_shapes(num_shapes, seed, image_size)
+    elif name in ("shapes", "silhouettes"):
+        images = make_shapes(num_shapes, seed, image_size, silhouettes=name == "silhouettes")
     elif name.startswith("folder:") and name[len("folder:"):]:
         images = load_folder(name[len("folder:"):], image_size)
     else:
-        raise DatasetError(f"unknown dataset {name!r}; choose cifar10, shapes or folder:PATH (images), "
+        raise DatasetError(f"unknown dataset {name!r}; choose cifar10, shapes, silhouettes or folder:PATH (images), "
                            f"imagenet64:DIR (downsampled ImageNet 64x64 npz batches), or {' / '.join(POINT_SETS)} "
                            f"(2-D points)")
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
@@ -432,14 +450,17 @@ def random_batch(images: torch.Tensor, batch_size: int, generator: torch.Generat
     return x0
 
 
-def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None) -> None:
-    """Write (B, 3, H, W) images, float in [-1, 1] or uint8, as one PNG grid with 2 px black padding."""
+def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None, scale: int = 1) -> None:
+    """Write (B, 3, H, W) images, float in [-1, 1] or uint8, as one PNG grid with 2 px black padding, every pixel
+    repeated scale x scale times (nearest neighbour: 16x16 images stay crisp and visible)."""
     if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] == 0:
         raise DatasetError(f"expected images of shape (B, 3, H, W) with B > 0, got {tuple(images.shape)}")
     if images.dtype != torch.uint8:
         images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     if nrow is not None and nrow < 1:
         raise DatasetError(f"nrow must be at least 1, got {nrow}")
+    if scale < 1:
+        raise DatasetError(f"scale must be at least 1, got {scale}")
     B, _, H, W = images.shape
     ncol = min(nrow or math.ceil(math.sqrt(B)), B)
     nrows, pad = math.ceil(B / ncol), 2
@@ -448,6 +469,7 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None) ->
     for i in range(B):
         top, left = pad + (i // ncol) * (H + pad), pad + (i % ncol) * (W + pad)
         grid[top:top + H, left:left + W] = hwc[i]
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise DatasetError(f"cannot write {path}: folder {folder} does not exist")
@@ -462,8 +484,8 @@ def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None) ->
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Save a grid of real training images.")
-    parser.add_argument("--dataset", default="shapes", help="cifar10, shapes, folder:PATH, ring or checkerboard; "
-                                                            "default shapes")
+    parser.add_argument("--dataset", default="shapes", help="cifar10, shapes, silhouettes, folder:PATH, ring or "
+                                                            "checkerboard; default shapes")
     parser.add_argument("--data-dir", default="./data", help="where CIFAR-10 is found or downloaded to")
     parser.add_argument("--out", default="grid.png", help="PNG file to write")
     parser.add_argument("--num", type=int, default=64, help="how many images to show")
@@ -483,7 +505,7 @@ def main(args: argparse.Namespace) -> None:
             save_scatter(images, args.out)
             print(f"wrote a scatter image of {images.shape[0]} points to {args.out}")
             return
-        save_image_grid(images[:args.num], args.out)
+        save_image_grid(images[:args.num], args.out, scale=grid_scale(images.shape[-1]))
         print(f"wrote {min(args.num, images.shape[0])} images to {args.out}")
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,8 +9,8 @@ Borrowed: DDPM (Ho et al. 2020) Alg. 1 and L_simple; IDDPM (Nichol & Dhariwal 20
           code (cifar_adv_train.sh); docs/method.md §2-§4 has the equations in the order the code runs them.
 Uses: unet.py, data.py, sampler.py, attacks.py.     Used by: nothing (cm_at.py and sampler.py read its checkpoint).
 
-    python dpm_at.py                                        # offline demo on a CPU (generated `shapes`): a grid of
-                                                            # samples in runs/shapes_at/ at least every minute
+    python dpm_at.py                                        # offline demo on a CPU (generated `silhouettes`): a
+                                                            # grid of samples in runs/silhouettes_at/ every 30 s
     python dpm_at.py --tiny --out runs/tiny                 # well under a minute on a CPU: watch the loop run
     python dpm_at.py --dataset cifar10                      # the paper's run: 250K clean steps, then 200K AT batches
 
@@ -40,14 +40,17 @@ import sampler
 import unet
 
 # Per-dataset defaults; explicit flags win. cifar10 = the authors' cifar_adv_train.sh (docs/method.md §4.4): batch
-# 128, AdamW lr 1e-4, EMA 0.9999, clean training to 250K steps, then 200K AT batches. shapes and points are ours,
-# for a 2-core CPU: shapes trains clean first (an AT batch costs K = 3 passes) with a large lr and a short EMA, and
-# draws a small grid every 30 s of wall-clock time as well, so that the first grid comes within a minute (README,
-# Set-up, has the times we measured).
+# 128, AdamW lr 1e-4, EMA 0.9999, clean training to 250K steps, then 200K AT batches. silhouettes (the offline
+# default), shapes and points are ours, for a 2-core CPU: silhouettes and shapes train clean first (an AT batch costs
+# K = 3 passes) with a large lr and a short EMA, and draw a small grid every 30 s of wall-clock time as well, so that
+# the first grid comes within a minute (README, Set-up, has the times we measured).
 DATASET_DEFAULTS = {
     "cifar10": dict(preset="cifar10", steps=450_000, at_start=250_000, batch_size=128, lr=1e-4, ema_decay=0.9999,
                     learn_sigma=True, t_sampler="loss-second-moment", log_every=100, grid_every=5000,
                     save_every=5000, num_grid=64, grid_steps=25, grid_seconds=0.0),
+    "silhouettes": dict(preset="demo", steps=4000, at_start=3000, batch_size=16, lr=2e-3, ema_decay=0.98,
+                        learn_sigma=False, t_sampler="uniform", log_every=20, grid_every=500, save_every=500,
+                        num_grid=36, grid_steps=20, grid_seconds=30.0),
     "shapes": dict(preset="demo", steps=2000, at_start=1000, batch_size=16, lr=2e-3, ema_decay=0.98,
                    learn_sigma=False, t_sampler="uniform", log_every=20, grid_every=200, save_every=200, num_grid=36,
                    grid_steps=20, grid_seconds=30.0),
@@ -68,7 +71,8 @@ class UserError(Exception):
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     a = p.add_argument
-    a("--dataset", default="shapes", help="cifar10 | shapes (default; offline) | 2-D: ring, checkerboard | folder:PATH")
+    a("--dataset", default="silhouettes", help="cifar10 | silhouettes (default; offline, 16x16) | shapes (offline) | "
+                                               "2-D: ring, checkerboard | folder:PATH")
     a("--data-dir", default="./data", help="where cifar-10-python.tar.gz lives or is downloaded; default ./data")
     a("--out", default=None, help="run directory; default runs/<dataset>_<at|std>")
     a("--steps", type=int, default=None, help="data batches in all; cifar10: 450000 (200000 with --init-from)")
@@ -84,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--schedule", default=None, choices=["cosine", "linear"], help="VP beta schedule (IDDPM Sec. 3.2 / DDPM "
                                                                      "Sec. 4); default cosine")
     a("--diffusion-steps", type=int, default=None, help="T, the number of VP steps (DDPM Sec. 4); default 1000")
-    a("--image-size", type=int, default=None, help="S of the (3, S, S) images (shapes, folder:PATH); default 32")
+    a("--image-size", type=int, default=None,
+      help="S of the (3, S, S) images (silhouettes, shapes, folder:PATH); default 16 for silhouettes, else 32")
     a("--learn-sigma", default=None, action=argparse.BooleanOptionalAction,
       help="ddpm: learned variance + hybrid loss (IDDPM Sec. 3.1); default on for cifar10, else off")
     a("--t-sampler", default=None, choices=["uniform", "loss-second-moment"],
@@ -115,15 +120,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--compile-mode", default=None, choices=COMPILE_MODES,
       help="with --compile; default reduce-overhead (CUDA graphs) on one GPU, else default")
     a("--seed", type=int, default=0, help="seeds init, data, t, eps, dropout and the grids; default 0")
-    a("--num-shapes", type=int, default=None, help="size of the generated shapes set; default 10000 (--tiny: 512)")
+    a("--num-shapes", type=int, default=None,
+      help="size of the generated silhouettes / shapes set; default 10000 (--tiny: 512)")
     a("--log-every", type=int, default=None, help="steps between log lines / metrics.jsonl records")
     a("--grid-every", type=int, default=None, help="steps between PNG sample grids (EMA model, fixed seed)")
     a("--grid-seconds", type=float, default=None, help="also a grid when this many seconds have passed since the "
-                                                       "last one; 0 = off; shapes: 30, cifar10: 0")
+                                                       "last one; 0 = off; silhouettes, shapes: 30, cifar10: 0")
     a("--save-every", type=int, default=None, help="steps between checkpoints (ckpt.pt, written atomically)")
     a("--num-grid", type=int, default=None, help="images per grid")
     a("--grid-steps", type=int, default=None, help="DDPM ancestral (ddpm) or Euler (edm) steps for the grids; "
-                                                   "default 25 (shapes: 20)")
+                                                   "default 25 (silhouettes, shapes: 20)")
     a("--tiny", action="store_true", help="tiny UNet, tiny data, few steps: see the loop run on a laptop CPU")
     a("--dry-run", action="store_true", help="print the resolved config and exit")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -211,9 +217,10 @@ def check_device(device: str) -> None:
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill unset flags from the dataset's defaults (then --tiny's); explicit flags always win. Then check every
     value, so that a bad one stops the command before anything is built or written."""
-    family = "points" if args.dataset in data.POINT_SETS else "shapes" if args.dataset == "shapes" else "cifar10"
+    family = "points" if args.dataset in data.POINT_SETS else args.dataset if args.dataset in DATASET_DEFAULTS \
+        else "cifar10"  # folder:PATH and imagenet64:DIR train with the cifar10 recipe
     defaults = dict(DATASET_DEFAULTS[family], **(TINY if args.tiny else {}), loss="ddpm", schedule="cosine",
-                    diffusion_steps=1000, image_size=64 if args.dataset.startswith("imagenet64:") else 32)
+                    diffusion_steps=1000, image_size=data.default_image_size(args.dataset))
     if family == "points":
         defaults["preset"] = "mlp2d"  # --tiny keeps the MLP
     if args.init_from:  # fine-tuning a clean model: AT from the first batch, for the AT part of the schedule
@@ -248,7 +255,7 @@ def data_shape(dataset: str, image_size: int | None) -> tuple:
     """The shape of one training sample, known before the data is loaded: (2,) for points, else (3, S, S)."""
     if dataset in data.POINT_SETS:
         return (2,)
-    size = image_size or (64 if dataset.startswith("imagenet64:") else 32)
+    size = image_size or data.default_image_size(dataset)
     return (3, 32, 32) if dataset == "cifar10" else (3, size, size)
 
 
@@ -571,7 +578,10 @@ def save_grid(ema, alpha_bar, loss: str, path: str, shape, num: int, steps: int,
                                 sampler.respace(str(steps), len(alpha_bar)), generator, variance="fixed_small")
     tmp = os.path.join(os.path.dirname(path), "grid.tmp.png")
     try:
-        (data.save_scatter if x.dim() == 2 else data.save_image_grid)(x.cpu(), tmp)
+        if x.dim() == 2:
+            data.save_scatter(x.cpu(), tmp)
+        else:  # 16x16 silhouettes are shown at 32x32 (nearest neighbour)
+            data.save_image_grid(x.cpu(), tmp, scale=data.grid_scale(x.shape[-1]))
         os.replace(tmp, path)
     except (OSError, data.DatasetError) as e:  # data.py words an OSError as "cannot write TMP (reason)"
         reason = str(e).split(" (", 1)[-1].rstrip(")") if isinstance(e, data.DatasetError) else str(e)
@@ -665,7 +675,7 @@ def main(args: argparse.Namespace) -> None:
     log = Logger(args, rank, step)
     log.say(f"{unet.count_parameters(net) / 1e6:.2f}M parameters; data {tuple(images.shape)}; starting at step "
             f"{step}; {world} process(es)")
-    last_grid, grid_cost = time.time(), 0.0
+    last_grid, grid_cost, grid_step = time.time(), 0.0, step
     ctrl_c = []  # Ctrl-C: finish the batch, save, exit (under torchrun: all at the next log step); twice: stop at once
     signal.signal(signal.SIGINT, lambda *a: signal.default_int_handler(*a) if ctrl_c else ctrl_c.append(1))
     for step in tqdm(range(step + 1, args.steps + 1), initial=step, total=args.steps, disable=rank > 0):
@@ -683,14 +693,16 @@ def main(args: argparse.Namespace) -> None:
             log.write(step, opt.param_groups[0]["lr"])  # one host sync; stops on a non-finite loss
         elif step % args.save_every == 0:
             log.check(step)  # never save non-finite weights
-        # a grid every grid_every steps, and one when grid_seconds have passed, unless grids would then take more
-        # than a fifth of the time (on a busy CPU a grid can take longer than the steps between them)
+        # a grid every grid_every steps (skipped if a timed one came less than a quarter of that before), and one when
+        # grid_seconds have passed, unless grids would then take more than a fifth of the time (on a busy CPU a grid
+        # can take longer than the steps between them)
+        due = step % args.grid_every == 0 and step - grid_step > args.grid_every // 4
         late = args.grid_seconds > 0 and time.time() - last_grid >= max(args.grid_seconds, 4 * grid_cost)
-        if rank == 0 and (step % args.grid_every == 0 or step == args.steps or late):
+        if rank == 0 and (due or step == args.steps or late):
             start = time.time()
             save_grid(ema, alpha_bar, args.loss, os.path.join(args.out, f"grid_{step:07d}.png"), images.shape[1:],
                       args.num_grid, args.grid_steps, args.seed)
-            last_grid, grid_cost = time.time(), time.time() - start
+            last_grid, grid_cost, grid_step = time.time(), time.time() - start, step
         if rank == 0 and (step % args.save_every == 0 or step == args.steps or stop):
             save_checkpoint(ckpt_path, checkpoint_state(args, net_config, net, ema, opt, step, generator, t_state))
         if stop:

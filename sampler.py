@@ -570,6 +570,8 @@ def save_samples(x: torch.Tensor, path: str) -> str:
             top, left = pad + (i // ncol) * (h + pad), pad + (i % ncol) * (w + pad)
             picture[top:top + h, left:left + w] = arr[i]
         picture = picture[..., 0] if c == 1 else picture
+        scale = max(1, 32 // h)  # images under 32 px (16x16 silhouettes) shown enlarged, as data.grid_scale does
+        picture = picture.repeat(scale, axis=0).repeat(scale, axis=1)
     png = os.path.splitext(path)[0] + ".png"
     _atomic_write(path, lambda f: np.savez(f, arr_0=arr))
     _atomic_write(png, lambda f: Image.fromarray(picture).save(f, format="PNG"))

@@ -52,8 +52,8 @@ PRESETS: dict[str, dict] = {
     "tiny-iddpm": dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(16,),
                        num_head_channels=None, num_heads=4, attention_order="legacy", resblock_updown=False,
                        dropout=0.0),
-    # Ours, for the offline first run (`python dpm_at.py` on `shapes`): narrow (16, 32, 64 channels at 32, 16, 8), no
-    # attention, so that a batch of 16 trains at ~3 steps/s on one CPU core (soft blobs by step 800, README).
+    # Ours, for the offline first run (`python dpm_at.py` on 16x16 `silhouettes`): narrow (16, 32, 64 channels), no
+    # attention, so that a batch of 16 trains at ~7 steps/s on one CPU core (README, Set-up).
     "demo": dict(model_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, attention_resolutions=(),
                  num_head_channels=16, dropout=0.0),
     # Ours: vectors (B, 2) of the 2-D point sets (data.py): the MLPDenoiser below, sized so that the toy

@@ -227,7 +227,7 @@ def test_load_dataset_dispatch():
     images = data.load_dataset("shapes", num_shapes=8, seed=3)
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.uint8
     assert torch.equal(images, torch.from_numpy(data.make_shapes(8, seed=3)).permute(0, 3, 1, 2))
-    with pytest.raises(data.DatasetError, match="cifar10, shapes or folder:PATH"):
+    with pytest.raises(data.DatasetError, match="cifar10, shapes, silhouettes or folder:PATH"):
         data.load_dataset("nosuch")
 
 
@@ -244,6 +244,44 @@ def test_save_image_grid(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["grid.png", "u8.png"]  # no temp files left
     with pytest.raises(data.DatasetError, match="does not exist"):
         data.save_image_grid(x0, str(tmp_path / "missing" / "grid.png"))
+
+
+def test_save_image_grid_scale_repeats_pixels(tmp_path):
+    """scale=2 writes every pixel (and the padding) as a 2 x 2 block: the grid is the unscaled one, enlarged."""
+    x = torch.randint(0, 256, (3, 3, 5, 5), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    data.save_image_grid(x, str(tmp_path / "one.png"))
+    data.save_image_grid(x, str(tmp_path / "two.png"), scale=2)
+    one, two = (np.asarray(Image.open(tmp_path / f)) for f in ("one.png", "two.png"))
+    assert two.shape == (2 * one.shape[0], 2 * one.shape[1], 3)
+    for dy in (0, 1):
+        for dx in (0, 1):
+            assert np.array_equal(two[dy::2, dx::2], one)
+    assert data.grid_scale(16) == 2 and data.grid_scale(32) == 1 and data.grid_scale(64) == 1
+    with pytest.raises(data.DatasetError, match="scale"):
+        data.save_image_grid(x, str(tmp_path / "bad.png"), scale=0)
+
+
+def test_silhouettes_are_one_white_shape_of_the_stated_area_on_black():
+    """silhouettes (data.make_shapes docstring): 16x16 by default, grey only (R = G = B), black background, one white
+    shape with r ~ U[8k, 14k] px. Its white mass (coverage) must match the closed-form area of the disc (pi r^2), the
+    square (half-side r: 4 r^2) or the equilateral triangle (circumradius R = 1.25 r: 3 sqrt(3) R^2 / 4), for the
+    images whose shape lies wholly inside the frame; kind, centre and r are read from the same uniform table."""
+    images = data.load_dataset("silhouettes", num_shapes=64, seed=5)
+    assert images.shape == (64, 3, 16, 16) and images.dtype == torch.uint8
+    assert torch.equal(images[:, 0], images[:, 1]) and torch.equal(images[:, 1], images[:, 2])
+    assert (images.amax(dim=(1, 2, 3)) == 255).all()  # r >= 4 px: every shape covers some pixels fully
+    n, S = 200, 64  # larger images, so that anti-aliasing is a small part of the area
+    big = data.make_shapes(n, seed=5, image_size=S, silhouettes=True)[..., 0].astype(np.float64) / 255
+    u = np.random.default_rng(5).random((n, 33))[:, 9:17]  # the first shape slot: kind, cx, cy, r, ...
+    kind, cx, cy = (3 * u[:, 0]).astype(int), S * (0.2 + 0.6 * u[:, 1]), S * (0.2 + 0.6 * u[:, 2])
+    r = (S / 32) * (8 + 6 * u[:, 3])
+    reach = np.where(kind == 0, r, np.where(kind == 1, math.sqrt(2) * r, 1.25 * r))  # farthest point from the centre
+    inside = (cx - reach > 0) & (cx + reach < S) & (cy - reach > 0) & (cy + reach < S)
+    triangle = 3 * math.sqrt(3) / 4 * (1.25 * r) ** 2
+    area = np.where(kind == 0, math.pi * r ** 2, np.where(kind == 1, 4 * r ** 2, triangle))
+    assert inside.sum() >= 20 and set(kind[inside]) == {0, 1, 2}
+    np.testing.assert_allclose(big.sum(axis=(1, 2))[inside], area[inside], rtol=0.01)
+    assert data.make_shapes(4, seed=5, image_size=16).std(axis=-1).max() > 0  # shapes itself stays in colour
 
 
 def test_cli_reports_errors_in_one_line(tmp_path, monkeypatch, capsys):

@@ -249,6 +249,18 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["at_start"] == 250_000 and not (tmp_path / "r").exists()
 
 
+def test_default_first_run_is_silhouettes_at_16(tmp_path, capsys):
+    """`python dpm_at.py` alone: the offline silhouettes at 16x16 on the demo UNet, clean until step 3000, grids every
+    30 s of wall-clock time, one CPU thread; `--dataset shapes` keeps 32x32."""
+    dpm_at.main(dpm_at.parse_args(["--dry-run"]))
+    cfg = json.loads(capsys.readouterr().out)
+    assert (cfg["dataset"], cfg["image_size"], cfg["preset"], cfg["threads"]) == ("silhouettes", 16, "demo", 1)
+    assert cfg["at_start"] < cfg["steps"] and cfg["grid_seconds"] == 30 and cfg["out"].endswith("silhouettes_at")
+    dpm_at.main(dpm_at.parse_args(["--dry-run", "--dataset", "shapes"]))
+    assert json.loads(capsys.readouterr().out)["image_size"] == 32
+    assert dpm_at.data_shape("silhouettes", None) == (3, 16, 16) and dpm_at.data_shape("shapes", None) == (3, 32, 32)
+
+
 def test_edm_step_projects_onto_the_ball(monkeypatch):
     """An EDM + AT step with a small budget: every delta (VP units) reaches the radius eta sqrt(d) and no further."""
     seen = record_deltas(monkeypatch, "edm_loss")

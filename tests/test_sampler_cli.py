@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
 
@@ -154,6 +155,11 @@ def test_sampler_cli(ckpts, tmp_path):
     sampler.main(sampler.parse_args([*base, "--out", str(tmp_path / "a.npz")]))
     a = np.load(tmp_path / "a.npz")["arr_0"]
     assert a.shape == (3, SIZE, SIZE, 3) and a.dtype == np.uint8 and (tmp_path / "a.png").exists()
+    # 16 px images are shown at 2x: 2 x 2 tiles of (2 + 16) px plus 2 px padding, every pixel a 2 x 2 block
+    png = np.asarray(Image.open(tmp_path / "a.png"))
+    assert png.shape == (2 * (2 * (SIZE + 2) + 2), 2 * (2 * (SIZE + 2) + 2), 3)
+    assert np.array_equal(png[4:4 + 2 * SIZE:2, 4:4 + 2 * SIZE:2], a[0])
+    assert np.array_equal(png[5:5 + 2 * SIZE:2, 5:5 + 2 * SIZE:2], a[0])
     for argv, expect in [(["--sampler", "nosuch"], "unknown sampler"), (["--steps", "0"], "--steps"),
                          (["--sampler", "consistency"], "does not fit"),
                          (["--out", str(tmp_path / "missing" / "x.npz")], "does not exist")]:
