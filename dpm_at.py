@@ -111,9 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     a("--init-from", default=None, help="start from this checkpoint's weights (+EMA), fresh optimizer, step 0")
     a("--resume", default=None, help="continue a run from its checkpoint (weights, EMA, optimizer, step, RNG)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default cuda if available")
-    # 1 thread: with one other busy process on 2 cores, a shapes step took 0.30 s with 1 thread and 6.9 s with 2
+    # 1 thread: with one other busy process on 2 cores, a silhouettes step took 0.135 s with 1 thread and 0.489 s with
+    # 2 (a shapes step: 0.30 s and 6.9 s); idle, 2 threads gained 4% (README, Set-up)
     a("--threads", type=int, default=1, help="torch CPU threads; default 1: on 2 cores shared with other jobs, 2 "
-                                             "threads ran 6-23x slower than 1 (README, Set-up)")
+                                             "threads ran 3.6-23x slower than 1 (README, Set-up)")
     a("--precision", default=None, choices=["bf16", "fp32"],
       help="bf16 autocast (default on CUDA; weights, optimizer, EMA and delta stay fp32) or fp32 (default on CPU)")
     a("--compile", action="store_true", help="torch.compile the network (a one-time compile of a minute or more)")
@@ -278,6 +279,10 @@ def check_paths(args) -> None:
     if not (os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)):
         raise UserError(f"cannot create the run folder {args.out}: {parent} is not a writable folder")
     kind, _, folder = args.dataset.partition(":")
+    if args.dataset not in ("cifar10", "silhouettes", "shapes", *data.POINT_SETS) and not (
+            kind in ("folder", "imagenet64") and folder):
+        raise UserError(f"unknown --dataset {args.dataset!r}; choose cifar10, silhouettes, shapes, folder:PATH, "
+                        f"imagenet64:DIR, {' or '.join(data.POINT_SETS)}")
     if kind in ("folder", "imagenet64") and not os.path.isdir(folder):
         raise UserError(f"{kind} folder {folder!r} (--dataset {args.dataset}) does not exist")
     if args.dataset == "cifar10" and os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
@@ -561,6 +566,15 @@ def check_fits_data(net: dict, shape: tuple, path: str, dataset: str) -> None:
                         f"checkpoint trained on this data")
 
 
+def grid_due(step: int, args, last_step: int, seconds: float, cost: float) -> bool:
+    """A grid at the last step; every grid_every steps, unless the last grid (at last_step) came less than a quarter
+    of that before; and when grid_seconds have passed since it, unless grids would then take more than a fifth of the
+    time (cost: the last grid's seconds; on a busy CPU a grid can take longer than the steps between them)."""
+    due = step % args.grid_every == 0 and step - last_step > args.grid_every // 4
+    late = args.grid_seconds > 0 and seconds >= max(args.grid_seconds, 4 * cost)
+    return due or step == args.steps or late
+
+
 @torch.no_grad()
 def save_grid(ema, alpha_bar, loss: str, path: str, shape, num: int, steps: int, seed: int) -> None:
     """EMA samples from a fixed seed (and fixed noise), so that the grids of one run are comparable: DDPM ancestral
@@ -693,12 +707,7 @@ def main(args: argparse.Namespace) -> None:
             log.write(step, opt.param_groups[0]["lr"])  # one host sync; stops on a non-finite loss
         elif step % args.save_every == 0:
             log.check(step)  # never save non-finite weights
-        # a grid every grid_every steps (skipped if a timed one came less than a quarter of that before), and one when
-        # grid_seconds have passed, unless grids would then take more than a fifth of the time (on a busy CPU a grid
-        # can take longer than the steps between them)
-        due = step % args.grid_every == 0 and step - grid_step > args.grid_every // 4
-        late = args.grid_seconds > 0 and time.time() - last_grid >= max(args.grid_seconds, 4 * grid_cost)
-        if rank == 0 and (due or step == args.steps or late):
+        if rank == 0 and grid_due(step, args, grid_step, time.time() - last_grid, grid_cost):
             start = time.time()
             save_grid(ema, alpha_bar, args.loss, os.path.join(args.out, f"grid_{step:07d}.png"), images.shape[1:],
                       args.num_grid, args.grid_steps, args.seed)

@@ -252,7 +252,9 @@ def test_save_image_grid_scale_repeats_pixels(tmp_path):
     data.save_image_grid(x, str(tmp_path / "one.png"))
     data.save_image_grid(x, str(tmp_path / "two.png"), scale=2)
     one, two = (np.asarray(Image.open(tmp_path / f)) for f in ("one.png", "two.png"))
-    assert two.shape == (2 * one.shape[0], 2 * one.shape[1], 3)
+    assert two.shape == (2 * (2 * (5 + 2) + 2), 2 * (2 * (5 + 2) + 2), 3)  # 2 x 2 tiles of 5 px, 2 px padding, x2
+    assert (two[:4] == 0).all() and (two[:, :4] == 0).all()  # the padding, 4 px wide
+    assert np.array_equal(two[4:14:2, 4:14:2], x[0].permute(1, 2, 0).numpy())  # the first image, every other pixel
     for dy in (0, 1):
         for dx in (0, 1):
             assert np.array_equal(two[dy::2, dx::2], one)

@@ -1,5 +1,6 @@
 """dpm_at.py: the AT losses, the free-AT step against an independent float64 reference, the t-sampler, the
 training loop's checkpoints and the command line."""
+import argparse
 import copy
 import functools
 import json
@@ -261,6 +262,21 @@ def test_default_first_run_is_silhouettes_at_16(tmp_path, capsys):
     assert dpm_at.data_shape("silhouettes", None) == (3, 16, 16) and dpm_at.data_shape("shapes", None) == (3, 32, 32)
 
 
+def test_grid_cadence():
+    """Grids at multiples of grid_every, at the last step, and every grid_seconds; a step grid right after a timed one
+    (within grid_every / 4 steps) is skipped; timed grids wait for 4x the last grid's cost when that is longer."""
+    args = argparse.Namespace(grid_every=200, grid_seconds=30.0, steps=2000)
+
+    def due(step, last=0, seconds=0.0, cost=0.0):
+        return dpm_at.grid_due(step, args, last, seconds, cost)
+
+    assert due(200) and due(400, last=200) and not due(199) and due(1999, seconds=30.0) and due(2000, last=1999)
+    assert not due(200, last=195) and not due(200, last=150) and due(200, last=149)  # 200 // 4 = 50 steps apart
+    assert not due(77, seconds=29.9) and not due(77, seconds=35.0, cost=10.0) and due(77, seconds=40.0, cost=10.0)
+    args.grid_seconds = 0.0  # off (the cifar10 recipe): step grids only
+    assert not due(77, seconds=1e6) and due(400) and due(2000, last=1999)
+
+
 def test_edm_step_projects_onto_the_ball(monkeypatch):
     """An EDM + AT step with a small budget: every delta (VP units) reaches the radius eta sqrt(d) and no further."""
     seen = record_deltas(monkeypatch, "edm_loss")
@@ -401,6 +417,7 @@ def test_cli_bad_input_one_line(tmp_path, argv, expect):
     assert r.returncode == 1 and "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert lines[-1].startswith("error:") and expect in lines[-1]
+    assert not (tmp_path / "r").exists() and "dpm_at:" not in r.stdout  # refused before the start-up line
 
 
 def test_cifar10_offline_error(tmp_path, monkeypatch):
